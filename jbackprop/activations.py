@@ -1,0 +1,213 @@
+"""Element-wise activations (notes 7.24–7.28 and the lecture slides).
+
+Every activation has ``B[σ, z](v) = σ'(z) ⊙ v`` (7.69): the Jacobian is diagonal, so the
+backward is a Hadamard product and no Jacobian is formed. Each accepts any shape. Where
+``σ'`` can be written in terms of the output, the residual is the output (which the next layer
+keeps anyway); otherwise it is the input ``z``.
+"""
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+
+from jbackprop import _checks
+from jbackprop._module import module
+
+
+def _z(z):
+    return {"z": _checks.float_array(z, "z")}
+
+
+# --- ReLU: σ(z) = max(z, 0), σ'(z) = 1{z > 0} (0 at z = 0, as jax.nn.relu) ---------------
+@jax.custom_vjp
+def _relu(z):
+    return jnp.maximum(z, 0)
+
+
+def _relu_fwd(z):
+    u = _relu(z)
+    return u, u                                       # residual: u (u > 0 ⟺ z > 0)
+
+
+def _relu_bwd(u, v):
+    return (jnp.where(u > 0, v, jnp.zeros_like(v)),)  # 1{z > 0} ⊙ v
+
+
+_relu.defvjp(_relu_fwd, _relu_bwd)
+
+
+@module(_relu)
+def relu(z):
+    """ReLU ``max(z, 0)``; backward ``1{z > 0} ⊙ v``. Residual: the output. Any shape."""
+    return _z(z)
+
+
+# --- sigmoid: σ(z) = 1/(1 + e^{-z}), σ' = σ(1 − σ) --------------------------------------
+@jax.custom_vjp
+def _sigmoid(z):
+    return jax.lax.logistic(z)                        # stable for large |z|
+
+
+def _sigmoid_fwd(z):
+    s = _sigmoid(z)
+    return s, s                                       # residual: s = σ(z)
+
+
+def _sigmoid_bwd(s, v):
+    return (s * (1 - s) * v,)
+
+
+_sigmoid.defvjp(_sigmoid_fwd, _sigmoid_bwd)
+
+
+@module(_sigmoid)
+def sigmoid(z):
+    """Sigmoid ``1/(1 + e^{-z})``; backward ``σ(z)(1 − σ(z)) ⊙ v``. Residual: the output."""
+    return _z(z)
+
+
+# --- tanh: σ' = 1 − tanh² ---------------------------------------------------------------
+@jax.custom_vjp
+def _tanh(z):
+    return jnp.tanh(z)
+
+
+def _tanh_fwd(z):
+    t = _tanh(z)
+    return t, t                                       # residual: t = tanh(z)
+
+
+def _tanh_bwd(t, v):
+    return ((1 - t * t) * v,)
+
+
+_tanh.defvjp(_tanh_fwd, _tanh_bwd)
+
+
+@module(_tanh)
+def tanh(z):
+    """tanh; backward ``(1 − tanh²(z)) ⊙ v``. Residual: the output. Any shape."""
+    return _z(z)
+
+
+# --- leaky ReLU: max(z, γz), σ' = 1 if z > 0 else γ --------------------------------------
+@functools.partial(jax.custom_vjp, nondiff_argnames=("gamma",))
+def _leaky_relu(z, gamma):
+    return jnp.where(z > 0, z, gamma * z)
+
+
+def _leaky_relu_fwd(z, gamma):
+    u = _leaky_relu(z, gamma)
+    return u, u                                       # residual: u (u > 0 ⟺ z > 0, γ > 0)
+
+
+def _leaky_relu_bwd(gamma, u, v):
+    return (jnp.where(u > 0, v, gamma * v),)
+
+
+_leaky_relu.defvjp(_leaky_relu_fwd, _leaky_relu_bwd)
+
+
+@module(_leaky_relu, static_args=("gamma",))
+def leaky_relu(z, gamma=0.01):
+    """Leaky ReLU ``max(z, γz)``, ``γ ∈ (0, 1]`` static; backward ``(1 if z > 0 else γ) ⊙ v``.
+
+    Residual: the output. The slides use γ = 0.1; the default 0.01 is jax.nn's.
+    """
+    return {**_z(z), "gamma": _checks.static_number(gamma, "gamma", low=0, high=1,
+                                                    low_open=True)}
+
+
+# --- GELU: z Φ(z), σ' = Φ(z) + z φ(z); tanh form: z/2 (1 + tanh(c (z + a z³))) ----------
+_GELU_C, _GELU_A = math.sqrt(2 / math.pi), 0.044715
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnames=("approximate",))
+def _gelu(z, approximate):
+    if approximate:
+        return 0.5 * z * (1 + jnp.tanh(_GELU_C * (z + _GELU_A * z ** 3)))
+    return 0.5 * z * (1 + jax.lax.erf(z / math.sqrt(2)))
+
+
+def _gelu_fwd(z, approximate):
+    return _gelu(z, approximate), z                   # residual: z
+
+
+def _gelu_bwd(approximate, z, v):
+    if approximate:  # d/dz [z/2 (1 + t)], t = tanh(c(z + a z³)): (1 + t)/2 + z/2 (1 − t²) c (1 + 3a z²)
+        t = jnp.tanh(_GELU_C * (z + _GELU_A * z ** 3))
+        # where tanh saturates, 1 − t² is 0 and z³ may overflow: keep 0 · ∞ out of it
+        slope = 0.5 * z * (1 - t * t) * _GELU_C * (1 + 3 * _GELU_A * z * z)
+        d = 0.5 * (1 + t) + jnp.where(t * t < 1, slope, 0)
+    else:            # Φ(z) + z φ(z)
+        cdf = 0.5 * (1 + jax.lax.erf(z / math.sqrt(2)))
+        d = cdf + z * jnp.exp(-0.5 * z * z) / math.sqrt(2 * math.pi)
+    return (d * v,)
+
+
+_gelu.defvjp(_gelu_fwd, _gelu_bwd)
+
+
+@module(_gelu, static_args=("approximate",))
+def gelu(z, approximate=False):
+    """GELU ``z Φ(z)``; ``approximate=True`` is the tanh form of BERT/GPT. Residual: ``z``.
+
+    Backward: ``(Φ(z) + z φ(z)) ⊙ v``; tanh form ``(½(1 + t) + ½ z (1 − t²) c (1 + 3a z²)) ⊙ v``
+    with ``t = tanh(c (z + a z³))``, ``c = √(2/π)``, ``a = 0.044715``.
+    """
+    if not isinstance(approximate, bool):
+        raise TypeError(f"approximate must be a bool, got {type(approximate).__name__}")
+    return {**_z(z), "approximate": approximate}
+
+
+# --- softplus: (1/β) log(1 + e^{βz}), σ' = sigmoid(βz) ------------------------------------
+@functools.partial(jax.custom_vjp, nondiff_argnames=("beta",))
+def _softplus(z, beta):
+    return jnp.logaddexp(0, beta * z) / beta          # no overflow for large |βz|
+
+
+def _softplus_fwd(z, beta):
+    return _softplus(z, beta), z                      # residual: z
+
+
+def _softplus_bwd(beta, z, v):
+    return (jax.lax.logistic(beta * z) * v,)
+
+
+_softplus.defvjp(_softplus_fwd, _softplus_bwd)
+
+
+@module(_softplus, static_args=("beta",))
+def softplus(z, beta=1.0):
+    """Softplus ``(1/β) log(1 + e^{βz})``, ``β > 0`` static; backward ``sigmoid(βz) ⊙ v``.
+
+    Residual: ``z``. Stable for any ``|βz|``.
+    """
+    return {**_z(z), "beta": _checks.static_number(beta, "beta", low=0, low_open=True)}
+
+
+# --- ELU: z if z ≥ 0 else α(e^z − 1), σ' = 1 if z ≥ 0 else α e^z ---------------------------
+@functools.partial(jax.custom_vjp, nondiff_argnames=("alpha",))
+def _elu(z, alpha):
+    return jnp.where(z >= 0, z, alpha * jnp.expm1(jnp.minimum(z, 0)))
+
+
+def _elu_fwd(z, alpha):
+    return _elu(z, alpha), z                          # residual: z
+
+
+def _elu_bwd(alpha, z, v):
+    return (jnp.where(z >= 0, v, alpha * jnp.exp(jnp.minimum(z, 0)) * v),)
+
+
+_elu.defvjp(_elu_fwd, _elu_bwd)
+
+
+@module(_elu, static_args=("alpha",))
+def elu(z, alpha=1.0):
+    """ELU ``z`` if ``z ≥ 0`` else ``α(e^z − 1)``, ``α ≥ 0`` static; backward
+    ``(1 if z ≥ 0 else α e^z) ⊙ v``. Residual: ``z``."""
+    return {**_z(z), "alpha": _checks.static_number(alpha, "alpha", low=0)}

@@ -1,0 +1,123 @@
+"""A stax-like way to build models from modules: ``Layer(init, apply)`` and combinators.
+
+A ``Layer`` is a pair of pure functions, as in ``jax.example_libraries.stax``:
+
+* ``init(key, in_shape) -> params`` for one example of shape ``in_shape``;
+* ``apply(params, x) -> y`` on one example (batch it with ``jax.vmap``).
+
+``serial`` chains layers (its params are the tuple of theirs), ``Residual(layer)`` is just
+``z + layer(z)`` — JAX adds the two gradients at the branch, each of them hand-written.
+Output shapes are found with ``jax.eval_shape``, so layers need not report them.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+
+from jbackprop import activations
+from jbackprop.convolution import conv1d, conv2d
+from jbackprop.linear import mm
+from jbackprop.normalisation import layer_norm
+
+Shape = Sequence[int]
+
+
+class Layer(NamedTuple):
+    """``init(key, in_shape) -> params`` beside ``apply(params, x) -> y`` (one example)."""
+    init: Callable[[jax.Array, Shape], Any]
+    apply: Callable[[Any, jax.Array], jax.Array]
+
+
+def out_shape(layer: Layer, params: Any, in_shape: Shape, dtype=jnp.float32) -> tuple[int, ...]:
+    """The per-example output shape of ``layer`` (traced with ``jax.eval_shape``, no compute)."""
+    return jax.eval_shape(layer.apply, params, jax.ShapeDtypeStruct(tuple(in_shape), dtype)).shape
+
+
+def he_normal(key, shape, fan_in, dtype=jnp.float32, gain=1.0):
+    """N(0, 2/fan_in) weights (He et al.), suited to ReLU networks; ``gain`` rescales them."""
+    return gain * jnp.sqrt(2.0 / fan_in).astype(dtype) * jax.random.normal(key, shape, dtype)
+
+
+def Dense(n: int, *, bias: bool = True, dtype=jnp.float32, gain: float = 1.0) -> Layer:
+    """The MM module ``W z + b`` with ``n`` outputs: params ``{"W": (n, m), "b": (n,)}``."""
+    def init(key, in_shape):
+        (m,) = in_shape
+        p = {"W": he_normal(key, (n, m), m, dtype, gain)}
+        if bias:
+            p["b"] = jnp.zeros((n,), dtype)
+        return p
+    return Layer(init, mm)
+
+
+def Activation(fn: Callable[..., jax.Array], **hyper) -> Layer:
+    """An element-wise module (``jb.relu``, ``jb.gelu``, …) with no parameters."""
+    return Layer(lambda key, in_shape: (), lambda params, x: fn(x, **hyper))
+
+
+Relu, Sigmoid, Tanh, Gelu = (Activation(f) for f in (activations.relu, activations.sigmoid,
+                                                     activations.tanh, activations.gelu))
+
+
+def LayerNorm(*, eps: float = 1e-5, per_feature: bool = True, dtype=jnp.float32) -> Layer:
+    """LN over the last axis, ``β + γ · LN-S(z)``; scalar ``β, γ`` (the notes) or per feature."""
+    def init(key, in_shape):
+        shape = (in_shape[-1],) if per_feature else ()
+        return {"beta": jnp.zeros(shape, dtype), "gamma": jnp.ones(shape, dtype)}
+    return Layer(init, lambda params, x: layer_norm(params, x, eps=eps))
+
+
+def _Conv(conv, spatial: int, out_channels: int, k: int, dtype) -> Layer:
+    def init(key, in_shape):
+        if len(in_shape) != spatial + 1:
+            raise ValueError(f"Conv{spatial}D expects per-example input shape "
+                             f"({'m' if spatial == 1 else 'h, w'}, C), got {tuple(in_shape)}")
+        c = in_shape[-1]
+        shape = (k,) * spatial + (c, out_channels)
+        return {"w": he_normal(key, shape, c * k ** spatial, dtype),
+                "b": jnp.zeros((out_channels,), dtype)}
+    return Layer(init, conv)
+
+
+def Conv1D(out_channels: int, k: int = 3, *, dtype=jnp.float32) -> Layer:
+    """Conv1D with ``k`` odd, same padding: ``(m, C) -> (m, out_channels)``."""
+    return _Conv(conv1d, 1, out_channels, k, dtype)
+
+
+def Conv2D(out_channels: int, k: int = 3, *, dtype=jnp.float32) -> Layer:
+    """Conv2D with a ``k × k`` filter, same padding: ``(h, w, C) -> (h, w, out_channels)``."""
+    return _Conv(conv2d, 2, out_channels, k, dtype)
+
+
+Flatten = Layer(lambda key, in_shape: (), lambda params, x: jnp.reshape(x, (-1,)))
+
+
+def serial(*layers: Layer) -> Layer:
+    """Compose layers left to right; params are the tuple of each layer's params."""
+    def init(key, in_shape):
+        params, shape = [], tuple(in_shape)
+        for layer, k in zip(layers, jax.random.split(key, len(layers))):
+            p = layer.init(k, shape)
+            shape = out_shape(layer, p, shape)
+            params.append(p)
+        return tuple(params)
+
+    def apply(params, x):
+        if len(params) != len(layers):
+            raise ValueError(f"serial: expected params for {len(layers)} layers, got {len(params)}")
+        for layer, p in zip(layers, params):
+            x = layer.apply(p, x)
+        return x
+    return Layer(init, apply)
+
+
+def Residual(layer: Layer) -> Layer:
+    """``z + layer(z)``; the layer must keep the shape of its input."""
+    def init(key, in_shape):
+        p = layer.init(key, in_shape)
+        if out_shape(layer, p, in_shape) != tuple(in_shape):
+            raise ValueError(f"Residual: the inner layer maps {tuple(in_shape)} to "
+                             f"{out_shape(layer, p, in_shape)}; it must keep the shape")
+        return p
+    return Layer(init, lambda params, z: z + layer.apply(params, z))

@@ -1,0 +1,70 @@
+"""Matrix multiplication MM (notes 7.35, 7.62–7.66).
+
+One example is a column vector ``z ∈ R^m`` and ``MM_{W,b}(z) = W z + b``. Extra leading axes of
+``z`` are a batch (row-major ``U = X Wᵀ + b``, 7.84); under ``jax.vmap`` the module is called on
+the batch once, so its weight gradient is one matrix multiply (see ``_module``).
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from jbackprop import _checks
+from jbackprop._module import module
+
+
+@jax.custom_vjp
+def _mm(params, z):
+    u = z @ params["W"].T
+    return u + params["b"] if "b" in params else u
+
+
+def _mm_fwd(params, z):
+    keys = dict.fromkeys(params)                      # {"W": None, "b": None}: structure only
+    return _mm(params, z), (params["W"], z, keys)     # residuals: W and z
+
+
+def _mm_bwd(res, v):
+    W, z, keys = res
+    batch = tuple(range(z.ndim - 1))                 # leading (batch) axes, summed over
+    W_bar = jnp.tensordot(v, z, axes=(batch, batch))  # B[MM, W](v) = v zᵀ   (Σ_batch: Vᵀ X)
+    z_bar = v @ W                                     # B[MM, z](v) = Wᵀ v   (batched: V W)
+    params_bar = {"W": W_bar}
+    if "b" in keys:
+        params_bar["b"] = v.sum(axis=batch)           # B[MM, b](v) = v      (Σ_batch)
+    return params_bar, z_bar
+
+
+_mm.defvjp(_mm_fwd, _mm_bwd)
+
+
+@module(_mm, batch_args=("z",))
+def mm(params, z):
+    r"""Matrix multiplication ``MM_{W,b}(z) = W z + b`` with a hand-written backward.
+
+    .. math::
+        B[MM, z](v) = W^\top v, \quad B[MM, W](v) = v z^\top, \quad B[MM, b](v) = v.
+
+    Residuals saved by the forward: ``W`` and ``z`` (nothing new is allocated).
+
+    Args:
+      params: ``{"W": (n, m), "b": (n,)}``; ``"b"`` may be absent (no bias).
+      z: input ``(m,)``, or ``(..., m)`` with leading batch axes.
+
+    Returns:
+      ``(n,)`` (or ``(..., n)``), in the dtype of ``z`` and ``W``.
+
+    Raises:
+      TypeError / ValueError: ``params`` keys or ranks are wrong, or ``W`` and ``z`` disagree.
+    """
+    p = _checks.params_dict(params, "params", ("W",), ("b",))
+    z = _checks.float_array(z, "z", min_ndim=1)
+    _checks.ndim(p["W"], "params['W']", 2)
+    n, m = p["W"].shape
+    if z.shape[-1] != m:
+        raise ValueError(f"mm: params['W'] has shape {p['W'].shape} (n={n}, m={m}) but z has "
+                         f"shape {z.shape}; z's last axis must have size m={m}")
+    if "b" in p and p["b"].shape != (n,):
+        raise ValueError(f"mm: params['b'] must have shape ({n},) to match params['W'] "
+                         f"{p['W'].shape}, got {p['b'].shape}")
+    return {"params": p, "z": z}

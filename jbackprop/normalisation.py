@@ -1,0 +1,165 @@
+"""Layer normalisation LN-S and LN (notes 7.40–7.47); derivations in docs/normalisation.md.
+
+Over the last axis of ``z ∈ R^m`` (any leading axes are independent rows):
+
+    μ̂ = mean(z),  σ̂ = sqrt(mean((z − μ̂)²) + ε)  (divide by m),  x̂ = (z − μ̂)/σ̂,
+    LN-S(z) = x̂,  LN(z) = β + γ x̂.
+
+With ``g = γ ⊙ v`` (``g = v`` for LN-S) the hand-written backward is
+
+    B[LN, z](v) = (1/σ̂)(g − mean(g) − x̂ · mean(g ⊙ x̂)),
+    B[LN, γ](v) = Σ v ⊙ x̂,   B[LN, β](v) = Σ v   (summed to the shapes of γ and β).
+
+Residuals: ``x̂`` (the shape of ``z``) and ``1/σ̂`` (one number per row) only — plus a reference
+to the parameter ``γ``, which is an input and allocates nothing. ``z``, ``μ̂`` and ``z − μ̂`` are
+not kept. The statistics are computed in at least float32 (two-pass: the mean first, then the
+mean of squared deviations), so bfloat16/float16 inputs do not lose the variance; outputs and
+cotangents have the dtypes of the inputs.
+"""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from jbackprop import _checks
+from jbackprop._module import module
+
+
+def _standardise(z, eps):
+    """``x̂`` in ``z``'s dtype, and ``1/σ̂`` (keepdims) in at least float32."""
+    zc = z.astype(jnp.promote_types(z.dtype, jnp.float32))
+    d = zc - jnp.mean(zc, axis=-1, keepdims=True)                      # z − μ̂ (two-pass)
+    r = jax.lax.rsqrt(jnp.mean(d * d, axis=-1, keepdims=True) + eps)  # 1/σ̂
+    return (d * r).astype(z.dtype), r
+
+
+def _z_bar(g, xhat, r):
+    """B[LN-S, z](g) = (1/σ̂)(g − mean(g) − x̂ · mean(g ⊙ x̂)), row by row; in ``x̂``'s dtype."""
+    g, x = g.astype(r.dtype), xhat.astype(r.dtype)
+    mean = functools.partial(jnp.mean, axis=-1, keepdims=True)
+    return (r * (g - mean(g) - x * mean(g * x))).astype(xhat.dtype)
+
+
+def _sum_to(a, ndim):
+    """Σ over the leading axes of ``a`` down to its last ``ndim`` axes (0: a scalar, 1: (m,))."""
+    return a.sum(axis=tuple(range(a.ndim - ndim)))
+
+
+# --- LN-S(z) = x̂ ---------------------------------------------------------------------------
+@functools.partial(jax.custom_vjp, nondiff_argnames=("eps",))
+def _layer_norm_s(z, eps):
+    return _standardise(z, eps)[0]
+
+
+def _layer_norm_s_fwd(z, eps):
+    xhat = _layer_norm_s(z, eps)
+    r = _standardise(z, eps)[1]                       # same ops as in the core: XLA CSEs them
+    return xhat, (xhat, r)                            # residuals: x̂ (the output) and 1/σ̂
+
+
+def _layer_norm_s_bwd(eps, res, v):
+    xhat, r = res
+    return (_z_bar(v, xhat, r),)
+
+
+_layer_norm_s.defvjp(_layer_norm_s_fwd, _layer_norm_s_bwd)
+
+
+# --- LN(z) = β + γ x̂ -----------------------------------------------------------------------
+@functools.partial(jax.custom_vjp, nondiff_argnames=("eps",))
+def _layer_norm(params, z, eps):
+    return params["beta"] + params["gamma"] * _standardise(z, eps)[0]
+
+
+def _layer_norm_fwd(params, z, eps):
+    xhat, r = _standardise(z, eps)                   # same ops as in the core: XLA CSEs them
+    beta_axes = (None,) * params["beta"].ndim        # β's rank as structure: no array kept
+    return _layer_norm(params, z, eps), (xhat, r, params["gamma"], beta_axes)  # x̂, 1/σ̂ (γ)
+
+
+def _layer_norm_bwd(eps, res, v):
+    xhat, r, gamma, beta_axes = res
+    gamma_bar = _sum_to(v * xhat, gamma.ndim)        # B[LN, γ](v) = Σ v ⊙ x̂ (Σ_batch too)
+    beta_bar = _sum_to(v, len(beta_axes))            # B[LN, β](v) = Σ v
+    z_bar = _z_bar(gamma * v, xhat, r)               # B[LN, z](v) with g = γ ⊙ v
+    # β and γ share a dtype (the check casts them), so γ's dtype is β's too.
+    return {"beta": beta_bar.astype(gamma.dtype), "gamma": gamma_bar.astype(gamma.dtype)}, z_bar
+
+
+_layer_norm.defvjp(_layer_norm_fwd, _layer_norm_bwd)
+
+
+# --- public modules --------------------------------------------------------------------------
+def _z_and_eps(z, eps, name):
+    z = _checks.float_array(z, "z", min_ndim=1)
+    if z.shape[-1] == 0:
+        raise ValueError(f"{name}: z's last axis (the features) must not be empty, "
+                         f"got shape {z.shape}")
+    return z, _checks.static_number(eps, "eps", low=0)
+
+
+@module(_layer_norm_s, static_args=("eps",))
+def layer_norm_s(z, eps=1e-5):
+    r"""LN-S (7.40): ``(z − μ̂)/σ̂`` over the last axis, ``σ̂ = sqrt(mean((z − μ̂)²) + ε)``.
+
+    .. math::
+        B[\mathrm{LN\text{-}S}, z](v) = \tfrac{1}{\hat\sigma}\big(v - \mathrm{mean}(v)
+            - \hat x\,\mathrm{mean}(v \odot \hat x)\big).
+
+    Residuals: the output ``x̂`` and ``1/σ̂`` (one number per row).
+
+    Args:
+      z: ``(m,)``, or ``(..., m)``: leading axes are independent rows.
+      eps: static ``ε ≥ 0`` added to the variance. With ``eps=0`` a constant row divides by
+        zero (the output is NaN); with ``eps > 0`` it is finite (zero) with finite gradients.
+
+    Raises:
+      TypeError / ValueError: ``z`` is not a floating array of rank ≥ 1, or ``eps`` is not a
+        number ``≥ 0``.
+    """
+    z, eps = _z_and_eps(z, eps, "layer_norm_s")
+    return {"z": z, "eps": eps}
+
+
+@module(_layer_norm, batch_args=("z",), static_args=("eps",))
+def layer_norm(params, z, eps=1e-5):
+    r"""Layer normalisation LN (7.41): ``β + γ · LN-S(z)`` over the last axis.
+
+    .. math::
+        B[\mathrm{LN}, z](v) = \tfrac{1}{\hat\sigma}\big(g - \mathrm{mean}(g)
+            - \hat x\,\mathrm{mean}(g \odot \hat x)\big),\ g = \gamma \odot v; \quad
+        B[\mathrm{LN}, \gamma](v) = \textstyle\sum v \odot \hat x; \quad
+        B[\mathrm{LN}, \beta](v) = \textstyle\sum v.
+
+    The sums run over the leading (batch) axes, and over the features when γ or β is a
+    scalar. Residuals: ``x̂`` and ``1/σ̂`` (and a reference to the parameter ``γ``). Under
+    ``jax.vmap`` the module is called once on the batch.
+
+    Args:
+      params: ``{"beta": ..., "gamma": ...}``, each of shape ``()`` (a scalar, as in the
+        notes) or ``(m,)`` (one per feature); they may differ. Both are cast to their common
+        dtype.
+      z: ``(m,)``, or ``(..., m)`` with leading batch axes.
+      eps: static ``ε ≥ 0`` added to the variance (see ``layer_norm_s``).
+
+    Returns:
+      The shape of ``z``, in the dtype of ``z`` promoted with the parameters'.
+
+    Raises:
+      TypeError / ValueError: wrong keys, shapes or dtypes of ``params``, ``z`` of rank 0 or
+        not floating, ``eps`` not a number ``≥ 0``.
+    """
+    p = _checks.params_dict(params, "params", ("beta", "gamma"))
+    z, eps = _z_and_eps(z, eps, "layer_norm")
+    m = z.shape[-1]
+    for k in ("beta", "gamma"):
+        if p[k].shape not in ((), (m,)):
+            raise ValueError(f"layer_norm: params[{k!r}] must have shape () (a scalar, as in "
+                             f"the notes) or ({m},) (one per feature of z, shape {z.shape}), "
+                             f"got {p[k].shape}")
+    if p["beta"].dtype != p["gamma"].dtype:
+        dtype = jnp.result_type(p["beta"], p["gamma"])
+        p = {k: a.astype(dtype) for k, a in p.items()}
+    return {"params": p, "z": z, "eps": eps}

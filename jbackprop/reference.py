@@ -1,0 +1,129 @@
+"""Pure ``jax.numpy`` references: the same mathematics with no custom rule at all.
+
+These are what the hand-written backwards are checked against (``jax.grad`` of these), and what
+``backward="autodiff"`` trains and benchmarks with. They are written plainly from SPEC.md, with
+no shared code with the modules, and are not meant to be fast. One example at a time, in the
+notes' convention; batch them with ``jax.vmap``.
+"""
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+
+
+def mm(params, z):
+    u = params["W"] @ z
+    return u + params["b"] if "b" in params else u
+
+
+def relu(z):
+    return jnp.where(z > 0, z, 0.0)
+
+
+def sigmoid(z):
+    return 1 / (1 + jnp.exp(-z))
+
+
+def tanh(z):
+    return (jnp.exp(z) - jnp.exp(-z)) / (jnp.exp(z) + jnp.exp(-z))
+
+
+def leaky_relu(z, gamma=0.01):
+    return jnp.where(z > 0, z, gamma * z)
+
+
+def gelu(z, approximate=False):
+    if approximate:
+        return z / 2 * (1 + jnp.tanh(math.sqrt(2 / math.pi) * (z + 0.044715 * z ** 3)))
+    return z / 2 * (1 + jax.scipy.special.erf(z / math.sqrt(2)))
+
+
+def softplus(z, beta=1.0):
+    return jnp.log1p(jnp.exp(beta * z)) / beta
+
+
+def elu(z, alpha=1.0):
+    return jnp.where(z >= 0, z, alpha * (jnp.exp(z) - 1))
+
+
+def layer_norm_s(z, eps=1e-5):
+    mu = jnp.mean(z, axis=-1, keepdims=True)
+    sigma = jnp.sqrt(jnp.mean((z - mu) ** 2, axis=-1, keepdims=True) + eps)
+    return (z - mu) / sigma
+
+
+def layer_norm(params, z, eps=1e-5):
+    return params["beta"] + params["gamma"] * layer_norm_s(z, eps)
+
+
+def conv1d_s(params, z):
+    """Σ_j w_j z_{i−ℓ+(j−1)} + b with zero padding (7.48), by explicit shifted slices."""
+    w = params["w"]
+    k = w.shape[0]
+    ell = k // 2
+    zp = jnp.pad(z, (ell, ell))
+    m = z.shape[0]
+    return sum(w[j] * zp[j:j + m] for j in range(k)) + params["b"]
+
+
+def conv1d(params, z):
+    """z (m, C), w (k, C, C'): out_i,c' = Σ_j Σ_c w_{j,c,c'} z_{i−ℓ+j, c} + b_c'."""
+    w = params["w"]
+    k = w.shape[0]
+    ell = k // 2
+    m = z.shape[0]
+    zp = jnp.pad(z, ((ell, ell), (0, 0)))
+    return sum(zp[j:j + m] @ w[j] for j in range(k)) + params["b"]
+
+
+def conv2d_s(params, z):
+    w = params["w"]
+    k = w.shape[0]
+    ell = k // 2
+    h, wd = z.shape
+    zp = jnp.pad(z, ell)
+    return sum(w[a, c] * zp[a:a + h, c:c + wd] for a in range(k) for c in range(k)) + params["b"]
+
+
+def conv2d(params, z):
+    w = params["w"]
+    k = w.shape[0]
+    ell = k // 2
+    h, wd, _ = z.shape
+    zp = jnp.pad(z, ((ell, ell), (ell, ell), (0, 0)))
+    return sum(zp[a:a + h, c:c + wd] @ w[a, c] for a in range(k) for c in range(k)) + params["b"]
+
+
+def mse_loss(t, y):
+    return 0.5 * jnp.sum((t - y) ** 2)
+
+
+def logistic_loss(t, y):
+    """−log p(y | t) with p(y = 1 | t) = 1/(1 + e^{−t}), written stably."""
+    return jnp.logaddexp(0.0, t) - y * t
+
+
+def cross_entropy_loss(t, y):
+    """−log softmax(t)_y = logsumexp(t) − t_y."""
+    c = jnp.max(t)
+    return c + jnp.log(jnp.sum(jnp.exp(t - c))) - t[y]
+
+
+def residual(params, z, activation=relu):
+    return z + activation(mm(params["mm2"], activation(mm(params["mm1"], z))))
+
+
+def mlp(params, x, activation=relu):
+    for p in params[:-1]:
+        x = activation(mm(p, x))
+    return mm(params[-1], x)
+
+
+def resnet_s(params, x, activation=relu):
+    z = mm(params["proj"], x) if "proj" in params else x
+    blocks = params["blocks"]
+    for i in range(blocks["mm1"]["W"].shape[0]):
+        z = residual(jax.tree.map(lambda a: a[i], blocks), z, activation)
+    return mm(params["head"], z)
