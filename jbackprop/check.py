@@ -1,183 +1,400 @@
-"""Verify hand-written backwards: against ``jax.grad`` of a reference, and finite differences.
+"""Prove a hand-written VJP right: ``verify_vjp`` checks it against independent evidence.
 
-``verify(fn, reference, args)`` compares the gradient that ``jax.grad`` computes through ``fn``
-(which runs its hand-written ``custom_vjp`` rule) with ``jax.grad`` of the pure-jnp
-``reference``, leaf by leaf, and with float64 central finite differences along a random
-direction. ``library_report()`` does so for every module and model of jbackprop.
+For a function ``fn`` with a hand-written VJP (any ``jax.custom_vjp`` function, or any function
+plus a separate ``backward(*args, v)``), ``verify_vjp`` returns a ``Report`` (see
+``check_report``) with, per input leaf and for random cotangents ``v``:
+
+1. **autodiff**: the VJP against ``jax.vjp`` of a pure ``reference`` forward (if given);
+2. **finite differences**: central differences in float64, step ``ε^{1/3} · max(1, |x|)``
+   (per element for small leaves, along random directions otherwise); points where the
+   one-sided differences disagree (kinks, e.g. ReLU at 0) are reported and left out;
+3. **Taylor**: ``|J(x+hδ) − J(x)|`` must shrink at rate 1 and
+   ``|J(x+hδ) − J(x) − h⟨∇J, δ⟩|`` at rate 2 (``J = ⟨v, fn(x)⟩``, float64); remainders at the
+   round-off floor are left out, and all at the floor means ``J`` is linear along ``δ``;
+
+and for the whole function: the **adjoint** (dot-product) test ``⟨J t, v⟩ = ⟨t, Jᵀ v⟩`` (``J t``
+from the reference's JVP, else finite differences), **linearity** of the backward in ``v``, the
+same VJP under **jit** and **vmap** (per-example gradients against a Python loop, and the
+gradient of a vmapped sum), and **reverse-over-reverse** (``jax.grad`` of ``⟨w, B_x(v)⟩``
+against the reference). The residual bytes come from ``jax.ad_checkpoint.print_saved_residuals``.
 """
 from __future__ import annotations
 
-import dataclasses
+import contextlib
 import functools
+import inspect
+import io
+import math
+import re
 from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-# (autodiff, finite differences) relative tolerances by dtype
-TOLERANCES = {"float64": (1e-10, 1e-6), "float32": (2e-4, 2e-3)}
+from jbackprop.check_report import Check, Comparison, Leaf, Report, Taylor
+
+# Relative tolerance of a hand-written cotangent against autodiff, by the dtype it is computed in.
+TOLERANCES = {"float64": 1e-9, "float32": 1e-4, "float16": 5e-3, "bfloat16": 3e-2}
+FD_TOL = 1e-6             # float64 finite differences (their own error is ~1e-10)
+ALL_CHECKS = ("autodiff", "finite_differences", "taylor", "adjoint", "linearity", "jit", "vmap",
+              "reverse_over_reverse")
+_EPS64 = float(np.finfo(np.float64).eps)
 
 
-@dataclasses.dataclass
-class Row:
-    module: str
-    dtype: str
-    leaf: str
-    err_autodiff: float
-    err_fd: float
-    tol_autodiff: float
-    tol_fd: float
+def verify_vjp(fn: Callable, *args: Any, reference: Callable | None = None,
+               backward: Callable | None = None, argnums: Sequence[int] | None = None,
+               batch_argnums: Sequence[int] | None = None, name: str | None = None,
+               rtol: float | None = None, checks: Sequence[str] = ALL_CHECKS,
+               seed: int = 0) -> Report:
+    """Verify the VJP of ``fn`` at ``args`` and return a ``Report``.
 
-    @property
-    def passed(self) -> bool:
-        return self.err_autodiff <= self.tol_autodiff and self.err_fd <= self.tol_fd
-
-
-def _rel_err(a, e) -> float:
-    a, e = np.asarray(a, np.float64), np.asarray(e, np.float64)
-    return float(np.max(np.abs(a - e), initial=0.0) / (np.max(np.abs(e), initial=0.0) + 1e-30))
-
-
-def _floats(args, dtype):
-    return jax.tree.map(lambda a: a.astype(dtype) if jnp.issubdtype(a.dtype, jnp.floating) else a,
-                        args)
-
-
-def verify(name: str, fn: Callable, reference: Callable, args: Sequence[Any],
-           dtype=jnp.float64, seed: int = 0) -> list[Row]:
-    """Rows comparing ``jax.grad`` through ``fn`` with ``reference``, one per float input leaf."""
-    dname = jnp.dtype(dtype).name
-    tol_ad, tol_fd = TOLERANCES[dname]
-    args = _floats(tuple(args), dtype)
-    argnums = tuple(i for i, a in enumerate(args)
-                    if all(jnp.issubdtype(x.dtype, jnp.floating) for x in jax.tree.leaves(a)))
-    key = jax.random.PRNGKey(seed)
-    out = jax.eval_shape(reference, *args)
-    c = jax.random.normal(key, out.shape, out.dtype)
-    J = lambda f: lambda *a: jnp.sum(c.astype(jnp.result_type(f(*a))) * f(*a))
-    g = jax.jit(jax.grad(J(fn), argnums))(*args)
-    g_ref = jax.jit(jax.grad(J(reference), argnums))(*args)
-
-    # finite differences in float64 on the reference, one random direction per leaf
-    args64 = _floats(args, jnp.float64)
-    J64 = lambda *a: jnp.sum(c.astype(jnp.float64) * reference(*a))
-    rows = []
-    leaves, _ = jax.tree_util.tree_flatten_with_path(dict(zip(map(str, argnums), g)))
-    ref_leaves = jax.tree.leaves(g_ref)
-    for (path, gl), rl in zip(leaves, ref_leaves):
-        i = int(path[0].key)
-        sub = path[1:]
-        d = jax.random.normal(jax.random.fold_in(key, len(rows) + 1), gl.shape, jnp.float64)
-        # float64 central differences: step ε^(1/3) times the input's scale
-        scale = max(1.0, float(np.max(np.abs(_get(args64[i], sub)), initial=0.0)))
-        h = float(np.finfo(np.float64).eps) ** (1 / 3) * scale
-
-        def at(s):
-            a = list(args64)
-            a[i] = _set(a[i], sub, _get(a[i], sub) + s * h * d)
-            return J64(*a)
-        fd = float((at(1.0) - at(-1.0)) / (2 * h))
-        slope = float(jnp.vdot(gl.astype(jnp.float64), d))
-        norm = float(np.sqrt(np.sum(np.asarray(rl, np.float64) ** 2)))
-        err_fd = abs(fd - slope) / (abs(fd) + norm + 1e-30)
-        leaf = _arg_name(fn, i) + "".join(f"[{p.key!r}]" if hasattr(p, "key") else f"[{p.idx}]"
-                                   for p in sub)
-        rows.append(Row(name, dname, leaf, _rel_err(gl, rl), err_fd, tol_ad, tol_fd))
-    return rows
+    Args:
+      fn: the forward; its VJP is ``jax.vjp(fn, ...)`` (a ``custom_vjp`` rule), unless
+        ``backward`` is given.
+      *args: the inputs (pytrees of arrays; integer leaves are not differentiated).
+      reference: a pure forward of the same mathematics, differentiated by JAX itself.
+      backward: ``backward(*args, v) -> tuple`` of cotangents of every argument (the notes'
+        form, e.g. ``jb.backward(jb.mm)``), to check instead of ``fn``'s own VJP.
+      argnums: arguments to differentiate (default: every all-float argument).
+      batch_argnums: arguments that carry the batch in the vmap check (default: ``argnums``).
+      name: for the report (default: ``fn.__name__``).
+      rtol: tolerance against autodiff (default: ``TOLERANCES`` by dtype).
+      checks: a subset of ``ALL_CHECKS``.
+      seed: for the random cotangents, directions and batches.
+    """
+    unknown = set(checks) - set(ALL_CHECKS)
+    if unknown:
+        raise ValueError(f"verify_vjp: unknown checks {sorted(unknown)}; choose from {ALL_CHECKS}")
+    if argnums is None:
+        argnums = tuple(i for i, a in enumerate(args) if _all_float(a))
+    if not argnums:
+        raise ValueError("verify_vjp: no floating-point argument to differentiate")
+    prob = _Problem(fn, args, tuple(argnums), reference, backward, seed)
+    tol = rtol if rtol is not None else TOLERANCES.get(prob.dtype, 1e-4)
+    v = prob.cotangent(0)
+    g = prob.pullback(prob.leaves, v)
+    leaves = [Leaf(lab, tuple(x.shape), str(x.dtype)) for lab, x in zip(prob.labels, prob.leaves)]
+    if reference is not None and "autodiff" in checks:
+        for k in range(2):                         # two random cotangents; keep the worse
+            vk = prob.cotangent(k)
+            gk = g if k == 0 else prob.pullback(prob.leaves, vk)
+            expected = prob.pullback(prob.leaves, vk, use_reference=True)
+            for leaf, a, e in zip(leaves, gk, expected):
+                c = _compare(a, e, tol)
+                if leaf.autodiff is None or c.error > leaf.autodiff.error:
+                    leaf.autodiff = c
+    with jax.enable_x64(True):  # finite differences, Taylor, adjoint and 2nd order in float64
+        p64 = prob.in_float64()
+        v64, g64 = _to64(v), p64.pullback(p64.leaves, _to64(v))
+        for i, leaf in enumerate(leaves):
+            fd_steps, fd_scale, taylor_steps, d = _steps(p64, i)
+            Js = p64.J_batch(i, v64, jnp.concatenate([jnp.zeros_like(d)[None], taylor_steps, fd_steps]))
+            J0, Jt, Jfd = Js[0], Js[1:1 + len(taylor_steps)], Js[1 + len(taylor_steps):]
+            if "finite_differences" in checks:
+                leaf.finite_differences = _finite_differences(
+                    p64.leaves[i], fd_steps, fd_scale, J0, Jfd, g[i], max(FD_TOL, tol))
+            if "taylor" in checks:
+                leaf.taylor = _taylor(J0, Jt, float(jnp.vdot(g64[i], d)))
+        checks64 = _float64_checks(p64, v64, g64, tol, checks)
+    report_checks = [c for c in (checks64.get("adjoint"), *_working_dtype_checks(
+        prob, v, g, tol, checks, batch_argnums), checks64.get("reverse_over_reverse")) if c]
+    nbytes, residuals = _saved_residuals(prob) if backward is None else (None, [])
+    return Report(name or getattr(fn, "__name__", "fn"), prob.dtype, leaves, report_checks,
+                  nbytes, residuals)
 
 
-def _arg_name(fn, i: int) -> str:
-    import inspect
+class _Problem:
+    """``fn`` and its VJP as functions of the flat list of differentiable leaves."""
+
+    def __init__(self, fn, args, argnums, reference, backward, seed):
+        self.fn, self.args, self.argnums = fn, args, argnums
+        self.reference, self.backward, self.seed = reference, backward, seed
+        self.leaves, self.treedef = jax.tree.flatten(tuple(args[i] for i in argnums))
+        self.labels = _labels(fn, args, argnums)
+        self.dtype = str(jnp.result_type(*self.leaves))
+        self.out = jax.eval_shape(lambda *l: self.call(list(l)), *self.leaves)
+
+    def full_args(self, leaves, args=None):
+        a = list(self.args if args is None else args)
+        for i, d in zip(self.argnums, jax.tree.unflatten(self.treedef, leaves)):
+            a[i] = d
+        return a
+
+    def call(self, leaves, use_reference=False):
+        return (self.reference if use_reference else self.fn)(*self.full_args(leaves))
+
+    def pullback(self, leaves, v, use_reference=False):
+        """Cotangents of the differentiable leaves (jit-compiled; shared by same-shaped calls)."""
+        return _pullback_jit(self.fn, self.reference, self.backward, self.argnums, bool(use_reference),
+                             self.args, list(leaves), v)
+
+    def J_batch(self, i, v, dxs):
+        """J = ⟨v, fn(x)⟩ with leaf ``i`` shifted by each of ``dxs`` (one compiled call)."""
+        return _J_batch_jit(self.fn, self.argnums, i, self.args, list(self.leaves), v, dxs)
+
+    def pullback_eager(self, leaves, v, use_reference=False):
+        """Cotangents of the differentiable leaves: the hand-written VJP, or the reference's."""
+        if self.backward is not None and not use_reference:
+            cts = self.backward(*self.full_args(leaves), v)
+            return jax.tree.leaves(tuple(cts[i] for i in self.argnums))
+        f = lambda *l: self.call(list(l), use_reference)
+        return list(jax.vjp(f, *leaves)[1](v))
+
+    def scalar(self, leaves, v):
+        """J = ⟨v, fn(x)⟩."""
+        return _inner(v, self.call(leaves))
+
+    def cotangent(self, k, out=None):
+        out = self.out if out is None else out
+        return jax.tree.map(lambda o: _normal(self.seed, 1000 + k, o.shape, o.dtype), out)
+
+    def in_float64(self) -> "_Problem":
+        args = jax.tree.map(lambda a: jnp.asarray(a, jnp.float64) if _is_float(a) else jnp.asarray(a),
+                            self.args)
+        return _Problem(self.fn, args, self.argnums, self.reference, self.backward, self.seed)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 4))
+def _pullback_jit(fn, reference, backward, argnums, use_reference, args, leaves, v):
+    return _Problem(fn, args, argnums, reference, backward, 0).pullback_eager(leaves, v, use_reference)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2))
+def _J_batch_jit(fn, argnums, i, args, leaves, v, dxs):
+    p = _Problem(fn, args, argnums, None, None, 0)
+
+    def J(dx):
+        shifted = list(leaves)
+        shifted[i] = leaves[i] + dx
+        return p.scalar(shifted, v)
+    return jax.vmap(J)(dxs)
+
+
+_TAYLOR_H = [1e-2 * 2.0 ** -k for k in range(16)]
+_DIRECTIONS = 3
+
+
+def _steps(p: _Problem, i: int):
+    """The shifts of leaf ``i`` to evaluate J at: finite-difference steps ``±h e_j`` (per element
+    for small leaves, else ``±h d_k`` along random directions), with ``h = ε^{1/3} max(1, |x|)``,
+    and the Taylor steps ``h_k δ``."""
+    x = p.leaves[i]
+    if x.size <= 64:
+        h = _EPS64 ** (1 / 3) * jnp.maximum(1.0, jnp.abs(x))
+        steps = jnp.eye(x.size, dtype=x.dtype).reshape((x.size, *x.shape)) * h
+        scale = h.reshape(-1)
+    else:
+        h = _EPS64 ** (1 / 3) * max(1.0, float(jnp.max(jnp.abs(x))))
+        steps = jnp.stack([h * _normal(p.seed, 50 + k, x.shape, x.dtype) for k in range(_DIRECTIONS)])
+        scale = jnp.full((_DIRECTIONS,), h)
+    d = _normal(p.seed, 77 + i, x.shape, x.dtype) * jnp.maximum(1.0, jnp.abs(x))
+    taylor = jnp.asarray(_TAYLOR_H, x.dtype).reshape((-1,) + (1,) * x.ndim) * d
+    return jnp.concatenate([steps, -steps]), scale, taylor, d
+
+
+def _finite_differences(x, steps, h, J0, Jfd, g, tol: float) -> Comparison:
+    """Central differences ``(J(x + h s) − J(x − h s)) / 2h`` against the hand-written ``g``;
+    where the one-sided differences disagree (a kink), the point is left out."""
+    n = len(h)
+    Jp, Jm = Jfd[:n], Jfd[n:]
+    fd, fwd, bwd = (Jp - Jm) / (2 * h), (Jp - J0) / h, (J0 - Jm) / h
+    kink = np.asarray((jnp.abs(fwd - bwd) > 0.1 * (jnp.abs(fwd) + jnp.abs(bwd)))
+                      & (jnp.abs(fwd - bwd) > 1e-6 * (jnp.max(jnp.abs(fd)) + 1e-300)))
+    g64 = np.asarray(g, np.float64)
+    if x.size <= 64:                    # per element: the worst index is exact
+        kink = kink.reshape(x.shape)
+        c = _compare(np.where(kink, 0.0, g64), np.where(kink, 0.0, np.asarray(fd).reshape(x.shape)), tol)
+        c.note = f"{int(kink.sum())} kink(s) left out" if kink.any() else ""
+        return c
+    directions = np.asarray(steps[:n]) / np.asarray(h).reshape((-1,) + (1,) * x.ndim)
+    slope = np.tensordot(directions, g64, axes=x.ndim)
+    err = np.abs(np.asarray(fd) - slope) / (np.abs(np.asarray(fd)) + np.linalg.norm(g64) + 1e-300)
+    err = np.where(kink, 0.0, err)
+    k = int(np.argmax(err))
+    return Comparison(float(err[k]), float(abs(fd[k] - slope[k])), (), float(slope[k]), float(fd[k]),
+                      tol, "directional" + (f", {int(kink.sum())} kink(s) left out" if kink.any() else ""))
+
+
+def _taylor(J0, Js, slope) -> Taylor:
+    J0, Js = float(J0), [float(J) for J in Js]
+    hs = _TAYLOR_H
+    r1 = [abs(J - J0) for J in Js]
+    r2 = [abs(J - J0 - h * slope) for J, h in zip(Js, hs)]
+    floor = [1e3 * _EPS64 * (abs(J0) + abs(J) + abs(h * slope)) + 1e-300 for J, h in zip(Js, hs)]
+    exact = all(r <= f for r, f in zip(r2, floor))
+    converged = all(r <= f for r, f in zip(r2[-3:], floor[-3:]))
+    return Taylor(hs, r1, r2, _rate(r1, floor), _rate(r2, floor), exact, converged)
+
+
+def _rate(r, floor) -> float:
+    """Mean of the last three rates log2(r_k / r_{k+1}) over remainders above the floor."""
+    rates = [math.log2(a / b) for a, b, fa, fb in zip(r, r[1:], floor, floor[1:]) if a > fa and b > fb]
+    return float(np.mean(rates[-3:])) if rates else float("nan")
+
+
+def _float64_checks(p64, v64, g64, tol, checks) -> dict[str, Check]:
+    out = {}
+    if "adjoint" in checks:
+        out["adjoint"] = _guard("adjoint ⟨Jt, v⟩ = ⟨t, Jᵀv⟩", max(FD_TOL, tol),
+                                lambda: _adjoint(p64, v64, g64))
+    if "reverse_over_reverse" in checks:
+        out["reverse_over_reverse"] = (
+            Check("reverse-over-reverse", 0.0, 0.0, "needs a reference", skipped=True)
+            if p64.reference is None else
+            _guard("reverse-over-reverse", 1e-7, lambda: _reverse_over_reverse(p64, v64)))
+    return out
+
+
+def _working_dtype_checks(p, v, g, tol, checks, batch_argnums) -> list[Check]:
+    out = []
+    if "linearity" in checks:
+        def linearity():
+            v2 = p.cotangent(1)
+            lhs = p.pullback(p.leaves, jax.tree.map(lambda a, b: 2.0 * a - 3.0 * b, v, v2))
+            rhs = [2.0 * a - 3.0 * b for a, b in zip(g, p.pullback(p.leaves, v2))]
+            return max(_compare(a, e, tol).error for a, e in zip(lhs, rhs))
+        out.append(_guard("linearity in v", 10 * tol, linearity))
+    if "jit" in checks:
+        out.append(_guard("jit", 10 * tol, lambda: max(
+            _compare(a, e, tol).error for a, e in zip(jax.jit(p.pullback_eager)(p.leaves, v), g))))
+    if "vmap" in checks:
+        out.append(_guard("vmap", 10 * tol, lambda: _vmap_error(p, batch_argnums, tol)))
+    return out
+
+
+def _guard(name, tol, compute) -> Check:
+    """Run one check; an exception (e.g. a backward that breaks under jit) is a failure."""
     try:
-        return list(inspect.signature(fn).parameters)[i]
-    except (TypeError, ValueError, IndexError):
-        return f"arg{i}"
+        return Check(name, float(compute()), tol)
+    except Exception as e:  # noqa: BLE001 — the report says what broke
+        return Check(name, float("inf"), tol, f"raised {type(e).__name__}: {str(e).splitlines()[0][:200]}")
 
 
-def _get(tree, path):
-    for p in path:
-        tree = tree[p.key if hasattr(p, "key") else p.idx]
-    return tree
+def _adjoint(p, v, g):
+    t = [_normal(p.seed, 500 + k, x.shape, x.dtype) for k, x in enumerate(p.leaves)]
+    rhs = sum(float(jnp.vdot(a, b)) for a, b in zip(t, g))
+    if p.reference is not None:
+        f = lambda *l: p.call(list(l), use_reference=True)
+        Jt = jax.jit(lambda l, t: jax.jvp(f, l, t)[1])(tuple(p.leaves), tuple(t))
+        lhs = _inner(v, Jt)
+    else:
+        h = _EPS64 ** (1 / 3) * max(1.0, max(float(jnp.max(jnp.abs(x))) for x in p.leaves))
+        shift = jax.jit(lambda s: p.scalar([x + s * h * dx for x, dx in zip(p.leaves, t)], v))
+        lhs = (shift(1.0) - shift(-1.0)) / (2 * h)
+    lhs = float(lhs)
+    return abs(lhs - rhs) / (abs(lhs) + abs(rhs) + 1e-300)
 
 
-def _set(tree, path, value):
-    if not path:
-        return value
-    p = path[0]
-    k = p.key if hasattr(p, "key") else p.idx
-    if isinstance(tree, dict):
-        return {**tree, k: _set(tree[k], path[1:], value)}
-    t = list(tree)
-    t[k] = _set(t[k], path[1:], value)
-    return type(tree)(t)
+def _reverse_over_reverse(p, v):
+    w = [_normal(p.seed, 900 + k, x.shape, x.dtype) for k, x in enumerate(p.leaves)]
+    S = lambda ref: lambda leaves: sum(jnp.vdot(a, b) for a, b in zip(w, p.pullback_eager(leaves, v, ref)))
+    got, expected = jax.jit(jax.grad(S(False)))(p.leaves), jax.jit(jax.grad(S(True)))(p.leaves)
+    return max(_compare(a, e, 1.0).error for a, e in zip(got, expected))
 
 
-def _normal(key, *shape):
-    return jax.random.normal(key, shape)
+def _vmap_error(p: _Problem, batch_argnums, tol) -> float:
+    batch = tuple(batch_argnums) if batch_argnums is not None else p.argnums
+
+    def example(b):  # three distinct examples around args
+        return [jax.tree.map(lambda x: x + 0.1 * b * _normal(p.seed, 1100 + b, x.shape, x.dtype)
+                             if _is_float(x) else x, a) if i in batch else a for i, a in enumerate(p.args)]
+    examples = [example(b) for b in range(3)]
+    stacked = [jax.tree.map(lambda *xs: jnp.stack(xs), *[e[i] for e in examples]) if i in batch else a
+               for i, a in enumerate(p.args)]
+    vs = [p.cotangent(10 + b) for b in range(3)]
+    V = jax.tree.map(lambda *xs: jnp.stack(xs), *vs)
+    in_axes = [0 if i in batch else None for i in range(len(p.args))]
+    loop = [_Problem(p.fn, e, p.argnums, None, p.backward, p.seed) for e in examples]
+    per = [q.pullback(q.leaves, vb) for q, vb in zip(loop, vs)]
+
+    def vjp_all(args, v):
+        q = _Problem(p.fn, args, p.argnums, None, p.backward, p.seed)
+        return q.pullback_eager(q.leaves, v)
+    got = jax.jit(jax.vmap(vjp_all, (in_axes, 0)))(stacked, V)
+    errs = [_compare(a, jnp.stack(e), tol).error for a, e in zip(got, zip(*per))]
+    if p.backward is None:  # also the gradient of a vmapped sum (grad of vmap)
+        pb = jax.jit(lambda a, V: jax.vjp(lambda *a: jax.vmap(p.fn, in_axes)(*a), *a)[1](V))(stacked, V)
+        cts = jax.tree.leaves(tuple(pb[i] for i in p.argnums))
+        batched_leaf = [i in batch for i in p.argnums for _ in jax.tree.leaves(p.args[i])]
+        for c, e, b in zip(cts, zip(*per), batched_leaf):
+            errs.append(_compare(c, jnp.stack(e) if b else sum(e), tol).error)
+    return max(errs)
 
 
-def library_cases(key=None) -> list[tuple[str, Callable, Callable, tuple]]:
-    """``(name, module, reference, args)`` for every module and model of jbackprop."""
-    import jbackprop as jb
-    from jbackprop import reference as ref
-
-    ks = iter(jax.random.split(jax.random.PRNGKey(0) if key is None else key, 64))
-    n = lambda *shape: _normal(next(ks), *shape)
-    z = n(7, 5)
-    mmp = {"W": n(4, 5), "b": n(4)}
-    res_p = {"mm1": {"W": n(5, 5) / 2, "b": n(5)}, "mm2": {"W": n(5, 5) / 2, "b": n(5)}}
-    mlp_p = jb.mlp_init(next(ks), [5, 8, 6, 3], jnp.float64)
-    rs_p = jb.resnet_s_init(next(ks), 5, 6, 3, 3, jnp.float64)
-    rs_p["blocks"]["mm2"]["W"] = rs_p["blocks"]["mm2"]["W"] * 3
-    partial = functools.partial
-    acts = [("relu", jb.relu, ref.relu), ("sigmoid", jb.sigmoid, ref.sigmoid),
-            ("tanh", jb.tanh, ref.tanh), ("leaky_relu", jb.leaky_relu, ref.leaky_relu),
-            ("gelu", jb.gelu, ref.gelu),
-            ("gelu(tanh)", partial(jb.gelu, approximate=True), partial(ref.gelu, approximate=True)),
-            ("softplus(β=2)", partial(jb.softplus, beta=2.0), partial(ref.softplus, beta=2.0)),
-            ("elu", jb.elu, ref.elu)]
-    cases = [(name, f, r, (z,)) for name, f, r in acts]
-    cases += [
-        ("mm", jb.mm, ref.mm, (mmp, n(5))),
-        ("layer_norm_s", jb.layer_norm_s, ref.layer_norm_s, (z,)),
-        ("layer_norm", jb.layer_norm, ref.layer_norm, ({"beta": n(5), "gamma": n(5)}, z)),
-        ("conv1d_s", jb.conv1d_s, ref.conv1d_s, ({"w": n(3), "b": n()}, n(9))),
-        ("conv1d", jb.conv1d, ref.conv1d, ({"w": n(3, 2, 4), "b": n(4)}, n(9, 2))),
-        ("conv2d_s", jb.conv2d_s, ref.conv2d_s, ({"w": n(3, 3), "b": n()}, n(5, 6))),
-        ("conv2d", jb.conv2d, ref.conv2d, ({"w": n(3, 3, 2, 3), "b": n(3)}, n(5, 6, 2))),
-        ("mse_loss", jb.mse_loss, ref.mse_loss, (n(4), n(4))),
-        ("logistic_loss", jb.logistic_loss, ref.logistic_loss, (n(), jnp.float32(1.0))),
-        ("cross_entropy_loss", jb.cross_entropy_loss, ref.cross_entropy_loss,
-         (n(6), jnp.int32(2))),
-        ("residual", jb.residual, ref.residual, (res_p, n(5))),
-        ("mlp", jb.mlp, ref.mlp, (mlp_p, n(5))),
-        ("resnet_s", jb.resnet_s, ref.resnet_s, (rs_p, n(5))),
-    ]
-    # batched: the per-example module under jax.vmap (the batching dispatch path)
-    cases.append(("vmap(mm)", jax.vmap(jb.mm, (None, 0)), jax.vmap(ref.mm, (None, 0)),
-                  (mmp, n(3, 5))))
-    cases.append(("vmap(mlp)", jax.vmap(jb.mlp, (None, 0)), jax.vmap(ref.mlp, (None, 0)),
-                  (mlp_p, n(4, 5))))
-    return cases
+def _saved_residuals(p: _Problem):
+    from jax.ad_checkpoint import print_saved_residuals
+    buf = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(buf):
+            print_saved_residuals(lambda *l: p.call(list(l)), *p.leaves)
+    except Exception:  # noqa: BLE001 — not every function can be inspected
+        return None, []
+    lines = [re.sub(r"argument l\[(\d+)\]", lambda m: p.labels[int(m.group(1))], ln)
+             for ln in buf.getvalue().splitlines() if ln.strip()]
+    return sum(_aval_bytes(ln) for ln in lines), lines
 
 
-def library_report(module: str | None = None, dtypes=("float32", "float64")) -> list[Row]:
-    """Verify every module and model (or those whose name contains ``module``) in ``dtypes``."""
-    rows = []
-    for name, fn, ref_fn, args in library_cases():
-        if module and module not in name:
-            continue
-        for d in dtypes:
-            rows += verify(name, fn, ref_fn, args, jnp.dtype(d))
-    return rows
+_SIZES = {"f64": 8, "f32": 4, "f16": 2, "bf16": 2, "i64": 8, "i32": 4, "i16": 2, "i8": 1,
+          "u64": 8, "u32": 4, "u8": 1, "bool": 1, "c64": 8, "c128": 16}
 
 
-def format_table(rows: Sequence[Row]) -> str:
-    head = ("module", "dtype", "leaf", "err vs autodiff", "err vs finite diff", "pass")
-    body = [(r.module, r.dtype, r.leaf, f"{r.err_autodiff:.1e} (tol {r.tol_autodiff:.0e})",
-             f"{r.err_fd:.1e} (tol {r.tol_fd:.0e})", "yes" if r.passed else "NO")
-            for r in rows]
-    widths = [max(len(x) for x in col) for col in zip(head, *body)]
-    line = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip()
-    return "\n".join([line(head), line(["-" * w for w in widths])] + [line(b) for b in body])
+def _aval_bytes(line: str) -> int:
+    m = re.match(r"\s*(\w+)\[([\d,\s]*)\]", line)
+    if not m:
+        return 0
+    dims = [int(s) for s in m.group(2).split(",") if s.strip()]
+    return _SIZES.get(m.group(1), 4) * math.prod(dims)
+
+
+def _compare(actual, expected, tol) -> Comparison:
+    a, e = np.asarray(actual, np.float64), np.asarray(expected, np.float64)
+    if a.shape != e.shape:
+        return Comparison(float("inf"), float("inf"), (), float("nan"), float("nan"), tol,
+                          f"shape {a.shape} != expected {e.shape}")
+    diff = np.abs(a - e)
+    if not np.all(np.isfinite(a)):
+        diff = np.where(np.isfinite(a), diff, np.inf)
+    idx = np.unravel_index(int(np.argmax(diff)), a.shape) if a.size else ()
+    scale = float(np.max(np.abs(e), initial=0.0))
+    m = float(diff[idx]) if a.size else 0.0
+    err = m / scale if scale > 0 else (0.0 if m == 0 else float("inf"))
+    return Comparison(err, m, tuple(int(i) for i in idx), float(a[idx]) if a.size else 0.0,
+                      float(e[idx]) if a.size else 0.0, tol)
+
+
+def _labels(fn, args, argnums) -> list[str]:
+    try:
+        names = list(inspect.signature(fn).parameters)
+    except (TypeError, ValueError):
+        names = []
+    names = names if len(names) >= len(args) else [f"arg{i}" for i in range(len(args))]
+    out = []
+    for i in argnums:
+        for path, _ in jax.tree_util.tree_flatten_with_path(args[i])[0]:
+            out.append(names[i] + "".join(f"[{k.key!r}]" if hasattr(k, "key") else f"[{k.idx}]"
+                                          for k in path))
+    return out
+
+
+def _normal(seed, k, shape, dtype):
+    """Standard normal numbers from NumPy (no compilation per shape, unlike jax.random)."""
+    return jnp.asarray(np.random.default_rng([seed, k]).standard_normal(shape), dtype)
+
+
+def _inner(v, out):
+    return sum(jnp.vdot(jnp.asarray(a, jnp.result_type(b)), b)
+               for a, b in zip(jax.tree.leaves(v), jax.tree.leaves(out)))
+
+
+def _to64(tree):
+    return jax.tree.map(lambda a: jnp.asarray(a, jnp.float64) if _is_float(a) else a, tree)
+
+
+def _is_float(a) -> bool:
+    return jnp.issubdtype(jnp.asarray(a).dtype, jnp.floating)
+
+
+def _all_float(a) -> bool:
+    leaves = jax.tree.leaves(a)
+    return bool(leaves) and all(_is_float(x) for x in leaves)

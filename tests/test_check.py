@@ -1,43 +1,87 @@
+"""jbackprop.check: verify_vjp's report, the pytest helper and the CLI. The suite of broken
+backwards that the checker must flag is in test_check_catches_mistakes.py."""
 import json
 
 import jax
 import jax.numpy as jnp
+import pytest
 
-from jbackprop import check, cli
+import jbackprop as jb
+from jbackprop import cli
 from jbackprop import reference as ref
+from jbackprop.check import ALL_CHECKS, verify_vjp
+from jbackprop.testing import assert_vjp_correct
+
+P = {"W": jnp.arange(6.0).reshape(3, 2) / 3, "b": jnp.ones(3)}
+Z = jnp.array([1.0, -2.0])
 
 
-def test_verify_passes_a_correct_module_and_names_leaves():
-    import jbackprop as jb
-    rows = check.verify("mm", jb.mm, ref.mm, ({"W": jnp.ones((3, 2)), "b": jnp.ones(3)},
-                                              jnp.array([1.0, -2.0])))
-    assert {r.leaf for r in rows} == {"params['W']", "params['b']", "z"}
-    assert all(r.passed for r in rows)
+def test_report_of_a_correct_module():
+    r = verify_vjp(jb.mm, P, Z, reference=ref.mm)
+    assert r.passed and r.name == "mm" and r.dtype == "float64"
+    assert [leaf.leaf for leaf in r.leaves] == ["params['W']", "params['b']", "z"]
+    for leaf in r.leaves:
+        assert leaf.autodiff.passed and leaf.finite_differences.passed and leaf.taylor.passed
+    assert {c.name.split()[0] for c in r.checks} == {"adjoint", "linearity", "jit", "vmap",
+                                                     "reverse-over-reverse"}
+    # the forward saves W and z: 3·2 + 2 float64 numbers
+    assert r.residual_bytes == 8 * (6 + 2) and any("params['W']" in s for s in r.residuals)
+    assert "params['W']" in str(r)
+    d = json.loads(r.to_json())
+    assert d["passed"] and d["leaves"][2]["autodiff"]["passed"]
 
 
-def test_verify_flags_a_wrong_backward():
-    """W instead of Wᵀ in B[MM, z]: the checker must fail it (a checker that cannot fail is a defect)."""
+def test_taylor_rates_of_a_smooth_function():
+    r = verify_vjp(jb.tanh, jnp.array([0.3, -1.2, 0.8]), reference=ref.tanh)
+    t = r.leaves[0].taylor
+    assert not t.exact and abs(t.rate1 - 1) < 0.1 and abs(t.rate2 - 2) < 0.1
+
+
+def test_works_without_reference_and_with_a_separate_backward():
+    r = verify_vjp(jb.mm, P, Z)  # finite differences and Taylor need no reference
+    assert r.passed and r.leaves[0].autodiff is None
+    assert [c.skipped for c in r.checks if c.name == "reverse-over-reverse"] == [True]
+    r = verify_vjp(jb.mm, P, Z, reference=ref.mm, backward=jb.backward(jb.mm))
+    assert r.passed and r.residual_bytes is None
+
+
+def test_float32_uses_float32_tolerances():
+    r = verify_vjp(jb.sigmoid, jnp.array([0.5, -1.0], jnp.float32), reference=ref.sigmoid)
+    assert r.passed and r.dtype == "float32" and r.leaves[0].autodiff.tol == 1e-4
+
+
+def test_assert_vjp_correct_message_names_leaf_index_values_and_tolerance():
     @jax.custom_vjp
     def bad_mm(params, z):
         return params["W"] @ z
 
+    # B[MM, z](v) = W v instead of Wᵀ v (square W): a classic transpose mistake
     bad_mm.defvjp(lambda p, z: (bad_mm(p, z), (p["W"], z)),
-                  lambda res, v: ({"W": jnp.outer(v, res[1])}, res[0][: res[1].shape[0], :] @ v[:res[0].shape[1]]))
-    p, z = {"W": jnp.arange(9.0).reshape(3, 3)}, jnp.array([1.0, -2.0, 0.5])
-    rows = check.verify("bad_mm", bad_mm, lambda p, z: p["W"] @ z, (p, z))
-    bad = [r for r in rows if not r.passed]
-    assert [r.leaf for r in bad] == ["z"]
-    assert bad[0].err_autodiff > 0.1 and bad[0].err_fd > 0.1
+                  lambda res, v: ({"W": jnp.outer(v, res[1])}, res[0] @ v))
+    W = jnp.array([[1.0, 2.0], [0.0, 1.0]])
+    assert_vjp_correct(jb.mm, {"W": W}, Z, reference=ref.mm)
+    with pytest.raises(AssertionError, match=r"bad_mm: z vs autodiff: error .* > tol 1e-09; "
+                                             r"worst at index \(\d,\): hand-written .*, expected"):
+        assert_vjp_correct(bad_mm, {"W": W}, Z, reference=lambda p, z: p["W"] @ z)
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="unknown checks"):
+        verify_vjp(jb.relu, jnp.ones(2), checks=("autodiff", "nope"))
+    with pytest.raises(ValueError, match="no floating-point argument"):
+        verify_vjp(lambda y: y * 2, jnp.ones(2, jnp.int32))
+    assert set(ALL_CHECKS) >= {"autodiff", "finite_differences", "taylor", "vmap"}
 
 
 def test_cli_check_one_module(tmp_path, capsys):
     out = tmp_path / "check.json"
-    assert cli.main(["check", "--module", "layer_norm", "--dtype", "float64", "--json", str(out)]) == 0
+    assert cli.main(["check", "--module", "layer_norm_s[7", "--dtype", "float64", "--jobs", "1",
+                     "--json", str(out)]) == 0
     printed = capsys.readouterr().out
-    assert "layer_norm_s" in printed and "0 failed" in printed
-    rows = json.loads(out.read_text())
-    assert rows and all(r["passed"] and r["dtype"] == "float64" for r in rows)
+    assert "layer_norm_s[7x5]" in printed and "Taylor rate" in printed and "0 failed" in printed
+    reports = json.loads(out.read_text())
+    assert len(reports) == 1 and reports[0]["passed"] and reports[0]["dtype"] == "float64"
 
 
 def test_cli_unknown_module_is_an_error(capsys):
-    assert cli.main(["check", "--module", "no_such_module"]) == 2
+    assert cli.main(["check", "--module", "no_such_module", "--jobs", "1"]) == 2

