@@ -5,7 +5,7 @@ notes, written by hand and registered with ``jax.custom_vjp``. Each module works
 in the notes' convention and is batched with ``jax.vmap`` (or extra leading axes).
 ``jb.backward(module)`` gives the hand-written backward in the notes' form. See ``docs/``.
 """
-from jbackprop import combinators, reference
+from jbackprop import check, combinators, reference, testing
 from jbackprop._module import backward
 from jbackprop.activations import elu, gelu, leaky_relu, relu, sigmoid, softplus, tanh
 from jbackprop.combinators import Layer, serial
@@ -18,7 +18,7 @@ from jbackprop.normalisation import layer_norm, layer_norm_s
 __version__ = "0.1.0"
 
 __all__ = [
-    "backward", "combinators", "reference", "Layer", "serial",
+    "backward", "check", "testing", "combinators", "reference", "Layer", "serial",
     "mm",
     "relu", "sigmoid", "tanh", "leaky_relu", "gelu", "softplus", "elu",
     "layer_norm_s", "layer_norm",

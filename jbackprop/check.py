@@ -16,7 +16,7 @@ and for the whole function: the **adjoint** (dot-product) test ``⟨J t, v⟩ = 
 from the reference's JVP, else finite differences), **linearity** of the backward in ``v``, the
 same VJP under **jit** and **vmap** (per-example gradients against a Python loop, and the
 gradient of a vmapped sum), and **reverse-over-reverse** (``jax.grad`` of ``⟨w, B_x(v)⟩``
-against the reference). The residual bytes come from ``jax.ad_checkpoint.print_saved_residuals``.
+against float64 finite differences of it). The residual bytes come from ``jax.ad_checkpoint.print_saved_residuals``.
 """
 from __future__ import annotations
 
@@ -57,7 +57,9 @@ def verify_vjp(fn: Callable, *args: Any, reference: Callable | None = None,
       backward: ``backward(*args, v) -> tuple`` of cotangents of every argument (the notes'
         form, e.g. ``jb.backward(jb.mm)``), to check instead of ``fn``'s own VJP.
       argnums: arguments to differentiate (default: every all-float argument).
-      batch_argnums: arguments that carry the batch in the vmap check (default: ``argnums``).
+      batch_argnums: arguments that carry the batch in the vmap check (default: all but the
+        first when it is a parameter pytree (dict/list/tuple), as in ``fn(params, z)``; else
+        ``argnums``).
       name: for the report (default: ``fn.__name__``).
       rtol: tolerance against autodiff (default: ``TOLERANCES`` by dtype).
       checks: a subset of ``ALL_CHECKS``.
@@ -73,7 +75,7 @@ def verify_vjp(fn: Callable, *args: Any, reference: Callable | None = None,
     prob = _Problem(fn, args, tuple(argnums), reference, backward, seed)
     tol = rtol if rtol is not None else TOLERANCES.get(prob.dtype, 1e-4)
     v = prob.cotangent(0)
-    g = prob.pullback(prob.leaves, v)
+    g = prob.pullback_eager(prob.leaves, v)    # eagerly: the jit check compares against it
     leaves = [Leaf(lab, tuple(x.shape), str(x.dtype)) for lab, x in zip(prob.labels, prob.leaves)]
     if reference is not None and "autodiff" in checks:
         for k in range(2):                         # two random cotangents; keep the worse
@@ -87,16 +89,19 @@ def verify_vjp(fn: Callable, *args: Any, reference: Callable | None = None,
     with jax.enable_x64(True):  # finite differences, Taylor, adjoint and 2nd order in float64
         p64 = prob.in_float64()
         v64, g64 = _to64(v), p64.pullback(p64.leaves, _to64(v))
+        kinks = []
         for i, leaf in enumerate(leaves):
-            fd_steps, fd_scale, taylor_steps, d = _steps(p64, i)
-            Js = p64.J_batch(i, v64, jnp.concatenate([jnp.zeros_like(d)[None], taylor_steps, fd_steps]))
-            J0, Jt, Jfd = Js[0], Js[1:1 + len(taylor_steps)], Js[1 + len(taylor_steps):]
+            fd, kink = _finite_differences(p64, i, v64, g[i], max(FD_TOL, tol))
+            kinks.append(kink)
             if "finite_differences" in checks:
-                leaf.finite_differences = _finite_differences(
-                    p64.leaves[i], fd_steps, fd_scale, J0, Jfd, g[i], max(FD_TOL, tol))
+                leaf.finite_differences = fd
             if "taylor" in checks:
-                leaf.taylor = _taylor(J0, Jt, float(jnp.vdot(g64[i], d)))
-        checks64 = _float64_checks(p64, v64, g64, tol, checks)
+                leaf.taylor = _taylor(p64, i, v64, g64[i], kink)
+        checks64 = _float64_checks(p64, v64, g64, tol, checks, kinks)
+    if batch_argnums is None:  # (params, data, …): the data carry the batch, params are shared
+        first = args[argnums[0]]
+        batch_argnums = argnums[1:] if len(argnums) > 1 and isinstance(first, (dict, list, tuple)) \
+            else argnums
     report_checks = [c for c in (checks64.get("adjoint"), *_working_dtype_checks(
         prob, v, g, tol, checks, batch_argnums), checks64.get("reverse_over_reverse")) if c]
     nbytes, residuals = _saved_residuals(prob) if backward is None else (None, [])
@@ -125,9 +130,14 @@ class _Problem:
         return (self.reference if use_reference else self.fn)(*self.full_args(leaves))
 
     def pullback(self, leaves, v, use_reference=False):
-        """Cotangents of the differentiable leaves (jit-compiled; shared by same-shaped calls)."""
-        return _pullback_jit(self.fn, self.reference, self.backward, self.argnums, bool(use_reference),
-                             self.args, list(leaves), v)
+        """Cotangents of the differentiable leaves (jit-compiled; shared by same-shaped calls).
+
+        A backward that cannot be compiled runs eagerly here; the jit check reports it."""
+        try:
+            return _pullback_jit(self.fn, self.reference, self.backward, self.argnums,
+                                 bool(use_reference), self.args, list(leaves), v)
+        except Exception:  # noqa: BLE001
+            return self.pullback_eager(leaves, v, use_reference)
 
     def J_batch(self, i, v, dxs):
         """J = ⟨v, fn(x)⟩ with leaf ``i`` shifted by each of ``dxs`` (one compiled call)."""
@@ -175,29 +185,23 @@ _TAYLOR_H = [1e-2 * 2.0 ** -k for k in range(16)]
 _DIRECTIONS = 3
 
 
-def _steps(p: _Problem, i: int):
-    """The shifts of leaf ``i`` to evaluate J at: finite-difference steps ``±h e_j`` (per element
-    for small leaves, else ``±h d_k`` along random directions), with ``h = ε^{1/3} max(1, |x|)``,
-    and the Taylor steps ``h_k δ``."""
+def _finite_differences(p: _Problem, i: int, v, g, tol: float):
+    """Central differences ``(J(x + h s) − J(x − h s)) / 2h`` of ``J = ⟨v, fn(x)⟩`` against the
+    hand-written ``g``, per element ``s = e_j`` for small leaves, else along random directions,
+    with ``h = ε^{1/3} max(1, |x|)``. Where the one-sided differences disagree (a kink, e.g.
+    ReLU at 0) the point is left out. Returns the comparison and the kink mask (or None)."""
     x = p.leaves[i]
     if x.size <= 64:
         h = _EPS64 ** (1 / 3) * jnp.maximum(1.0, jnp.abs(x))
         steps = jnp.eye(x.size, dtype=x.dtype).reshape((x.size, *x.shape)) * h
-        scale = h.reshape(-1)
+        h = h.reshape(-1)
     else:
-        h = _EPS64 ** (1 / 3) * max(1.0, float(jnp.max(jnp.abs(x))))
-        steps = jnp.stack([h * _normal(p.seed, 50 + k, x.shape, x.dtype) for k in range(_DIRECTIONS)])
-        scale = jnp.full((_DIRECTIONS,), h)
-    d = _normal(p.seed, 77 + i, x.shape, x.dtype) * jnp.maximum(1.0, jnp.abs(x))
-    taylor = jnp.asarray(_TAYLOR_H, x.dtype).reshape((-1,) + (1,) * x.ndim) * d
-    return jnp.concatenate([steps, -steps]), scale, taylor, d
-
-
-def _finite_differences(x, steps, h, J0, Jfd, g, tol: float) -> Comparison:
-    """Central differences ``(J(x + h s) − J(x − h s)) / 2h`` against the hand-written ``g``;
-    where the one-sided differences disagree (a kink), the point is left out."""
+        hs = _EPS64 ** (1 / 3) * max(1.0, float(jnp.max(jnp.abs(x))))
+        steps = jnp.stack([hs * _normal(p.seed, 50 + k, x.shape, x.dtype) for k in range(_DIRECTIONS)])
+        h = jnp.full((_DIRECTIONS,), hs)
     n = len(h)
-    Jp, Jm = Jfd[:n], Jfd[n:]
+    Js = p.J_batch(i, v, jnp.concatenate([jnp.zeros_like(x)[None], steps, -steps]))
+    J0, Jp, Jm = Js[0], Js[1:n + 1], Js[n + 1:]
     fd, fwd, bwd = (Jp - Jm) / (2 * h), (Jp - J0) / h, (J0 - Jm) / h
     kink = np.asarray((jnp.abs(fwd - bwd) > 0.1 * (jnp.abs(fwd) + jnp.abs(bwd)))
                       & (jnp.abs(fwd - bwd) > 1e-6 * (jnp.max(jnp.abs(fd)) + 1e-300)))
@@ -206,19 +210,24 @@ def _finite_differences(x, steps, h, J0, Jfd, g, tol: float) -> Comparison:
         kink = kink.reshape(x.shape)
         c = _compare(np.where(kink, 0.0, g64), np.where(kink, 0.0, np.asarray(fd).reshape(x.shape)), tol)
         c.note = f"{int(kink.sum())} kink(s) left out" if kink.any() else ""
-        return c
-    directions = np.asarray(steps[:n]) / np.asarray(h).reshape((-1,) + (1,) * x.ndim)
+        return c, kink
+    directions = np.asarray(steps) / np.asarray(h).reshape((-1,) + (1,) * x.ndim)
     slope = np.tensordot(directions, g64, axes=x.ndim)
-    err = np.abs(np.asarray(fd) - slope) / (np.abs(np.asarray(fd)) + np.linalg.norm(g64) + 1e-300)
-    err = np.where(kink, 0.0, err)
+    err = np.where(kink, 0.0, np.abs(np.asarray(fd) - slope) / (np.abs(np.asarray(fd)) + np.linalg.norm(g64) + 1e-300))
     k = int(np.argmax(err))
     return Comparison(float(err[k]), float(abs(fd[k] - slope[k])), (), float(slope[k]), float(fd[k]),
-                      tol, "directional" + (f", {int(kink.sum())} kink(s) left out" if kink.any() else ""))
+                      tol, "directional" + (f", {int(kink.sum())} kink(s) left out" if kink.any() else "")), None
 
 
-def _taylor(J0, Js, slope) -> Taylor:
-    J0, Js = float(J0), [float(J) for J in Js]
-    hs = _TAYLOR_H
+def _taylor(p: _Problem, i: int, v, g, kink) -> Taylor:
+    """Remainders of J along ``δ`` (zero at the kinks the finite differences found)."""
+    x = p.leaves[i]
+    d = _normal(p.seed, 77 + i, x.shape, x.dtype) * jnp.maximum(1.0, jnp.abs(x))
+    if kink is not None:
+        d = jnp.where(kink, 0.0, d)
+    steps = jnp.asarray([0.0] + _TAYLOR_H, x.dtype).reshape((-1,) + (1,) * x.ndim) * d
+    Js = [float(J) for J in p.J_batch(i, v, steps)]
+    J0, Js, slope, hs = Js[0], Js[1:], float(jnp.vdot(g, d)), _TAYLOR_H
     r1 = [abs(J - J0) for J in Js]
     r2 = [abs(J - J0 - h * slope) for J, h in zip(Js, hs)]
     floor = [1e3 * _EPS64 * (abs(J0) + abs(J) + abs(h * slope)) + 1e-300 for J, h in zip(Js, hs)]
@@ -233,16 +242,14 @@ def _rate(r, floor) -> float:
     return float(np.mean(rates[-3:])) if rates else float("nan")
 
 
-def _float64_checks(p64, v64, g64, tol, checks) -> dict[str, Check]:
+def _float64_checks(p64, v64, g64, tol, checks, kinks) -> dict[str, Check]:
     out = {}
     if "adjoint" in checks:
         out["adjoint"] = _guard("adjoint ⟨Jt, v⟩ = ⟨t, Jᵀv⟩", max(FD_TOL, tol),
-                                lambda: _adjoint(p64, v64, g64))
+                                lambda: _adjoint(p64, v64, g64, kinks))
     if "reverse_over_reverse" in checks:
-        out["reverse_over_reverse"] = (
-            Check("reverse-over-reverse", 0.0, 0.0, "needs a reference", skipped=True)
-            if p64.reference is None else
-            _guard("reverse-over-reverse", 1e-7, lambda: _reverse_over_reverse(p64, v64)))
+        out["reverse_over_reverse"] = _guard("reverse-over-reverse", FD_TOL,
+                                             lambda: _reverse_over_reverse(p64, v64, kinks))
     return out
 
 
@@ -271,13 +278,18 @@ def _guard(name, tol, compute) -> Check:
         return Check(name, float("inf"), tol, f"raised {type(e).__name__}: {str(e).splitlines()[0][:200]}")
 
 
-def _adjoint(p, v, g):
-    t = [_normal(p.seed, 500 + k, x.shape, x.dtype) for k, x in enumerate(p.leaves)]
+def _tangents(p, k0, kinks):
+    """Random tangents for every leaf, zero at known kinks."""
+    t = [_normal(p.seed, k0 + k, x.shape, x.dtype) for k, x in enumerate(p.leaves)]
+    return [ti if kink is None else jnp.where(kink, 0.0, ti) for ti, kink in zip(t, kinks)]
+
+
+def _adjoint(p, v, g, kinks):
+    t = _tangents(p, 500, kinks)
     rhs = sum(float(jnp.vdot(a, b)) for a, b in zip(t, g))
     if p.reference is not None:
         f = lambda *l: p.call(list(l), use_reference=True)
-        Jt = jax.jit(lambda l, t: jax.jvp(f, l, t)[1])(tuple(p.leaves), tuple(t))
-        lhs = _inner(v, Jt)
+        lhs = _inner(v, jax.jit(lambda l, t: jax.jvp(f, l, t)[1])(tuple(p.leaves), tuple(t)))
     else:
         h = _EPS64 ** (1 / 3) * max(1.0, max(float(jnp.max(jnp.abs(x))) for x in p.leaves))
         shift = jax.jit(lambda s: p.scalar([x + s * h * dx for x, dx in zip(p.leaves, t)], v))
@@ -286,11 +298,20 @@ def _adjoint(p, v, g):
     return abs(lhs - rhs) / (abs(lhs) + abs(rhs) + 1e-300)
 
 
-def _reverse_over_reverse(p, v):
+def _reverse_over_reverse(p, v, kinks):
+    """``jax.grad`` of ``S(x) = ⟨w, B_x(v)⟩`` (reverse mode through the hand-written backward)
+    against float64 central differences of ``S`` itself, along a random direction. (Not against
+    the reference's own second derivative, which can be the less accurate of the two.)"""
     w = [_normal(p.seed, 900 + k, x.shape, x.dtype) for k, x in enumerate(p.leaves)]
-    S = lambda ref: lambda leaves: sum(jnp.vdot(a, b) for a, b in zip(w, p.pullback_eager(leaves, v, ref)))
-    got, expected = jax.jit(jax.grad(S(False)))(p.leaves), jax.jit(jax.grad(S(True)))(p.leaves)
-    return max(_compare(a, e, 1.0).error for a, e in zip(got, expected))
+    S = lambda leaves: sum(jnp.vdot(a, b) for a, b in zip(w, p.pullback_eager(leaves, v)))
+    S, grad = jax.jit(S), jax.jit(jax.grad(S))
+    d = _tangents(p, 950, kinks)
+    h = _EPS64 ** (1 / 3) * max(1.0, max(float(jnp.max(jnp.abs(x))) for x in p.leaves))
+    fd = float(S([x + h * dx for x, dx in zip(p.leaves, d)]) - S([x - h * dx for x, dx in zip(p.leaves, d)])) / (2 * h)
+    gS = grad(list(p.leaves))
+    slope = sum(float(jnp.vdot(a, b)) for a, b in zip(gS, d))
+    norm = math.sqrt(sum(float(jnp.vdot(a, a)) for a in gS))
+    return abs(fd - slope) / (abs(fd) + norm + 1e-300)
 
 
 def _vmap_error(p: _Problem, batch_argnums, tol) -> float:

@@ -38,9 +38,9 @@ def test_taylor_rates_of_a_smooth_function():
 
 
 def test_works_without_reference_and_with_a_separate_backward():
-    r = verify_vjp(jb.mm, P, Z)  # finite differences and Taylor need no reference
+    r = verify_vjp(jb.mm, P, Z)  # finite differences, Taylor, adjoint, 2nd order: no reference
     assert r.passed and r.leaves[0].autodiff is None
-    assert [c.skipped for c in r.checks if c.name == "reverse-over-reverse"] == [True]
+    assert not any(c.skipped for c in r.checks)
     r = verify_vjp(jb.mm, P, Z, reference=ref.mm, backward=jb.backward(jb.mm))
     assert r.passed and r.residual_bytes is None
 
