@@ -1,4 +1,5 @@
-"""The ``jbackprop`` command line: ``jbackprop check`` verifies every hand-written backward."""
+"""The ``jbackprop`` command line: ``jbackprop check`` verifies every hand-written backward;
+``jbackprop train`` trains a model with them."""
 from __future__ import annotations
 
 import argparse
@@ -34,6 +35,43 @@ def _check(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+def _train(args: argparse.Namespace) -> int:
+    import dataclasses
+    from jbackprop import trainer
+    from jbackprop.train import Config
+
+    if args.resume:
+        ckpt = os.path.join(args.resume, trainer.CHECKPOINT)
+        _, _, saved = trainer.load_checkpoint(ckpt)
+        cfg, out = Config(**saved), args.resume
+        print(f"resuming {out} at its saved configuration: {saved}")
+    else:
+        noise = args.input_noise if args.input_noise is not None else (0.6 if args.dataset == "digits" else 0.0)
+        cfg = Config(model=args.model, dataset=args.dataset, optimizer=args.optimizer, lr=args.lr,
+                     batch_size=args.batch_size, epochs=args.epochs, seed=args.seed,
+                     backward=args.backward, width=args.width, depth=args.depth,
+                     weight_decay=args.weight_decay, input_noise=noise)
+        name = os.path.splitext(os.path.basename(args.dataset))[0]
+        out = args.out or os.path.join("runs", f"{args.model}-{name}")
+    try:
+        metrics = trainer.fit(cfg, out, resume=bool(args.resume), progress=not args.no_progress)
+    except trainer.NonFiniteLoss as e:
+        print(f"jbackprop train: {e}", file=sys.stderr)
+        return 3
+    except KeyboardInterrupt:
+        return 130
+    except (ValueError, FileNotFoundError) as e:
+        print(f"jbackprop train: {e}", file=sys.stderr)
+        return 2
+    final, metric = metrics["final"], metrics["metric"]
+    value = final[f"test_{metric}"]
+    shown = f"{100 * value:.2f} %" if metric == "accuracy" else f"{value:.4f}"
+    print(f"test {metric} {shown} — {cfg.model} on {metrics['dataset']}, {cfg.epochs} epochs, "
+          f"{cfg.backward} backward, {metrics['seconds_total']:.1f} s\n"
+          f"metrics: {os.path.join(out, 'metrics.json')}\ncurves:  {os.path.join(out, 'curves.png')}")
+    return 0
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="jbackprop", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -46,6 +84,29 @@ def main(argv=None) -> int:
     p.add_argument("--jobs", type=int, default=min(4, os.cpu_count() or 1),
                    help="worker processes (default: cores, at most 4)")
     p.set_defaults(run=_check)
+
+    t = sub.add_parser("train", help="train a model with the hand-written backwards (default: "
+                                     "an MLP on scikit-learn's handwritten digits)")
+    t.add_argument("--model", choices=["mlp", "resnet-s", "cnn"], default="mlp")
+    t.add_argument("--dataset", default="digits", help="digits | xor | housing | PATH.npz "
+                   "(arrays x_train, y_train, x_test, y_test)")
+    t.add_argument("--optimizer", choices=["sgd", "momentum", "adam"], default="adam")
+    t.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (cosine decay)")
+    t.add_argument("--batch-size", type=int, default=32)
+    t.add_argument("--epochs", type=int, default=100)
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--backward", choices=["manual", "autodiff"], default="manual",
+                   help="manual: jbackprop's hand-written rules; autodiff: jax.grad of the "
+                        "pure-jnp reference of the same model")
+    t.add_argument("--width", type=int, default=256)
+    t.add_argument("--depth", type=int, default=3, help="ResNet-S residual blocks")
+    t.add_argument("--weight-decay", type=float, default=1e-4)
+    t.add_argument("--input-noise", type=float, default=None,
+                   help="std of Gaussian noise on training inputs (default 0.6 for digits, else 0)")
+    t.add_argument("--out", metavar="DIR", help="output folder (default runs/MODEL-DATASET)")
+    t.add_argument("--resume", metavar="DIR", help="continue the run saved in DIR")
+    t.add_argument("--no-progress", action="store_true", help="no progress bar")
+    t.set_defaults(run=_train)
     args = parser.parse_args(argv)
     return args.run(args)
 

@@ -40,19 +40,30 @@ def he_normal(key, shape, fan_in, dtype=jnp.float32, gain=1.0):
     return gain * jnp.sqrt(2.0 / fan_in).astype(dtype) * jax.random.normal(key, shape, dtype)
 
 
-def Dense(n: int, *, bias: bool = True, dtype=jnp.float32, gain: float = 1.0) -> Layer:
-    """The MM module ``W z + b`` with ``n`` outputs: params ``{"W": (n, m), "b": (n,)}``."""
+def _pick(module: Callable, reference: bool) -> Callable:
+    """The module, or its pure-jnp reference (``jbackprop.reference``, for autodiff runs)."""
+    from jbackprop import reference as ref
+    return getattr(ref, module.__name__) if reference else module
+
+
+def Dense(n: int, *, bias: bool = True, dtype=jnp.float32, gain: float = 1.0,
+          reference: bool = False) -> Layer:
+    """The MM module ``W z + b`` with ``n`` outputs: params ``{"W": (n, m), "b": (n,)}``.
+
+    Every layer takes ``reference=True`` to apply the pure-jnp reference instead of the module
+    (the same mathematics, differentiated by JAX: ``backward="autodiff"``)."""
     def init(key, in_shape):
         (m,) = in_shape
         p = {"W": he_normal(key, (n, m), m, dtype, gain)}
         if bias:
             p["b"] = jnp.zeros((n,), dtype)
         return p
-    return Layer(init, mm)
+    return Layer(init, _pick(mm, reference))
 
 
-def Activation(fn: Callable[..., jax.Array], **hyper) -> Layer:
+def Activation(fn: Callable[..., jax.Array], *, reference: bool = False, **hyper) -> Layer:
     """An element-wise module (``jb.relu``, ``jb.gelu``, …) with no parameters."""
+    fn = _pick(fn, reference)
     return Layer(lambda key, in_shape: (), lambda params, x: fn(x, **hyper))
 
 
@@ -60,15 +71,17 @@ Relu, Sigmoid, Tanh, Gelu = (Activation(f) for f in (activations.relu, activatio
                                                      activations.tanh, activations.gelu))
 
 
-def LayerNorm(*, eps: float = 1e-5, per_feature: bool = True, dtype=jnp.float32) -> Layer:
+def LayerNorm(*, eps: float = 1e-5, per_feature: bool = True, dtype=jnp.float32,
+              reference: bool = False) -> Layer:
     """LN over the last axis, ``β + γ · LN-S(z)``; scalar ``β, γ`` (the notes) or per feature."""
     def init(key, in_shape):
         shape = (in_shape[-1],) if per_feature else ()
         return {"beta": jnp.zeros(shape, dtype), "gamma": jnp.ones(shape, dtype)}
-    return Layer(init, lambda params, x: layer_norm(params, x, eps=eps))
+    ln = _pick(layer_norm, reference)
+    return Layer(init, lambda params, x: ln(params, x, eps=eps))
 
 
-def _Conv(conv, spatial: int, out_channels: int, k: int, dtype) -> Layer:
+def _Conv(conv, spatial: int, out_channels: int, k: int, dtype, reference: bool) -> Layer:
     def init(key, in_shape):
         if len(in_shape) != spatial + 1:
             raise ValueError(f"Conv{spatial}D expects per-example input shape "
@@ -77,17 +90,17 @@ def _Conv(conv, spatial: int, out_channels: int, k: int, dtype) -> Layer:
         shape = (k,) * spatial + (c, out_channels)
         return {"w": he_normal(key, shape, c * k ** spatial, dtype),
                 "b": jnp.zeros((out_channels,), dtype)}
-    return Layer(init, conv)
+    return Layer(init, _pick(conv, reference))
 
 
-def Conv1D(out_channels: int, k: int = 3, *, dtype=jnp.float32) -> Layer:
+def Conv1D(out_channels: int, k: int = 3, *, dtype=jnp.float32, reference: bool = False) -> Layer:
     """Conv1D with ``k`` odd, same padding: ``(m, C) -> (m, out_channels)``."""
-    return _Conv(conv1d, 1, out_channels, k, dtype)
+    return _Conv(conv1d, 1, out_channels, k, dtype, reference)
 
 
-def Conv2D(out_channels: int, k: int = 3, *, dtype=jnp.float32) -> Layer:
+def Conv2D(out_channels: int, k: int = 3, *, dtype=jnp.float32, reference: bool = False) -> Layer:
     """Conv2D with a ``k × k`` filter, same padding: ``(h, w, C) -> (h, w, out_channels)``."""
-    return _Conv(conv2d, 2, out_channels, k, dtype)
+    return _Conv(conv2d, 2, out_channels, k, dtype, reference)
 
 
 Flatten = Layer(lambda key, in_shape: (), lambda params, x: jnp.reshape(x, (-1,)))

@@ -132,12 +132,16 @@ def resnet_s(params: dict, x: jax.Array, activation: Callable = relu) -> jax.Arr
     return mm(params["head"], z)
 
 
-def conv_net(channels: int = 16, k: int = 3, num_classes: int = 10, conv: str = "1d") -> cb.Layer:
+def conv_net(channels: int = 16, k: int = 3, num_classes: int = 10, conv: str = "1d",
+             reference: bool = False) -> cb.Layer:
     """A small CNN composed with ``serial``: Conv → LN → ReLU → Residual(Conv → ReLU) → MM.
 
     Per-example input ``(m, C)`` for ``conv="1d"`` or ``(h, w, C)`` for ``conv="2d"``.
+    ``reference=True`` builds the same network from the pure-jnp references (for autodiff).
     """
     Conv = {"1d": cb.Conv1D, "2d": cb.Conv2D}[conv]
-    return cb.serial(Conv(channels, k), cb.LayerNorm(), cb.Relu,
-                     cb.Residual(cb.serial(Conv(channels, k), cb.Relu)),
-                     cb.Flatten, cb.Dense(num_classes))
+    relu_layer = cb.Activation(relu, reference=reference)
+    return cb.serial(Conv(channels, k, reference=reference), cb.LayerNorm(reference=reference),
+                     relu_layer,
+                     cb.Residual(cb.serial(Conv(channels, k, reference=reference), relu_layer)),
+                     cb.Flatten, cb.Dense(num_classes, reference=reference))

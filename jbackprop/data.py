@@ -1,0 +1,91 @@
+"""Datasets for training: the scikit-learn digits (default), the notes' XOR and housing
+problems, and the user's own ``.npz`` file.
+
+Every loader returns a ``Dataset`` of NumPy arrays, one example per row.
+"""
+from __future__ import annotations
+
+import os
+from typing import NamedTuple
+
+import numpy as np
+
+
+class Dataset(NamedTuple):
+    x_train: np.ndarray
+    y_train: np.ndarray
+    x_test: np.ndarray
+    y_test: np.ndarray
+    task: str                 # "classification" (integer labels) or "regression"
+    num_outputs: int          # classes, or regression targets
+    name: str
+
+
+def digits(test_size: float = 0.2, seed: int = 0) -> Dataset:
+    """The 8×8 handwritten digits bundled with scikit-learn (1797 images, no download), a fixed
+    stratified train/test split, standardised with the training set's statistics."""
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    d = load_digits()
+    x_tr, x_te, y_tr, y_te = train_test_split(d.data.astype(np.float32), d.target.astype(np.int32),
+                                              test_size=test_size, stratify=d.target, random_state=seed)
+    mean, std = x_tr.mean(0), x_tr.std(0) + 1e-6  # constant border pixels: std 0
+    return Dataset((x_tr - mean) / std, y_tr, (x_te - mean) / std, y_te, "classification", 10, "digits")
+
+
+def xor(copies: int = 64) -> Dataset:
+    """XOR of the MLP lecture: the four points of {0, 1}², label x1 XOR x2 (repeated ``copies``
+    times so that mini-batches make sense); the test set is the four points themselves."""
+    x = np.array([[0, 0], [0, 1], [1, 0], [1, 1]], np.float32)
+    y = np.array([0, 1, 1, 0], np.int32)
+    return Dataset(np.tile(x, (copies, 1)), np.tile(y, copies), x, y, "classification", 2, "xor")
+
+
+def housing(n: int = 256, seed: int = 0) -> Dataset:
+    """The housing-price problem of the notes (7.11): price ≈ ReLU(w · size + b), one input, one
+    real output, with noise; sizes in thousands of square feet."""
+    rng = np.random.default_rng(seed)
+    size = rng.uniform(0.5, 3.5, (n, 1)).astype(np.float32)
+    price = np.maximum(1.2 * size - 0.9, 0) + 0.05 * rng.standard_normal((n, 1)).astype(np.float32)
+    cut = int(0.8 * n)
+    return Dataset(size[:cut], price[:cut], size[cut:], price[cut:], "regression", 1, "housing")
+
+
+def from_npz(path: str) -> Dataset:
+    """A user's ``.npz`` with ``x_train, y_train, x_test, y_test``. Integer ``y`` (one label per
+    row) is classification into ``max(y) + 1`` classes; float ``y`` is regression."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"dataset file {path!r} does not exist")
+    with np.load(path) as f:
+        missing = [k for k in ("x_train", "y_train", "x_test", "y_test") if k not in f]
+        if missing:
+            raise ValueError(f"{path}: missing arrays {missing}; it has {sorted(f.files)}")
+        x_tr, y_tr, x_te, y_te = (np.asarray(f[k]) for k in ("x_train", "y_train", "x_test", "y_test"))
+    for x, y, split in ((x_tr, y_tr, "train"), (x_te, y_te, "test")):
+        if len(x) != len(y):
+            raise ValueError(f"{path}: x_{split} has {len(x)} rows but y_{split} has {len(y)}")
+        if len(x) == 0:
+            raise ValueError(f"{path}: the {split} set is empty")
+    if x_tr.shape[1:] != x_te.shape[1:]:
+        raise ValueError(f"{path}: x_train examples have shape {x_tr.shape[1:]} but x_test {x_te.shape[1:]}")
+    x_tr, x_te = x_tr.astype(np.float32), x_te.astype(np.float32)
+    if np.issubdtype(y_tr.dtype, np.integer):
+        k = int(max(y_tr.max(), y_te.max())) + 1
+        if min(y_tr.min(), y_te.min()) < 0:
+            raise ValueError(f"{path}: integer labels must be ≥ 0")
+        return Dataset(x_tr, y_tr.astype(np.int32), x_te, y_te.astype(np.int32), "classification", k,
+                       os.path.basename(path))
+    y_tr = y_tr.astype(np.float32).reshape(len(y_tr), -1)
+    y_te = y_te.astype(np.float32).reshape(len(y_te), -1)
+    return Dataset(x_tr, y_tr, x_te, y_te, "regression", y_tr.shape[1], os.path.basename(path))
+
+
+def load(name: str) -> Dataset:
+    """``digits``, ``xor``, ``housing``, or a path ending in ``.npz``."""
+    if name.endswith(".npz"):
+        return from_npz(name)
+    loaders = {"digits": digits, "xor": xor, "housing": housing}
+    if name not in loaders:
+        raise ValueError(f"unknown dataset {name!r}: choose digits, xor, housing or a PATH.npz")
+    return loaders[name]()

@@ -1,0 +1,152 @@
+"""Training: jit-compiled steps with the hand-written backward and an optax optimiser.
+
+* ``make_model`` / ``make_loss``: the model and per-batch loss, ``backward="manual"`` (jbackprop
+  modules: ``jax.grad`` runs the hand-written rules) or ``"autodiff"`` (the pure-jnp reference
+  of the same mathematics, differentiated by JAX).
+* ``train_epoch``: Algorithm 2 — one epoch of mini-batch SGD sampling without replacement
+  (a ``jax.random`` permutation per epoch), run as one ``lax.scan`` of jit-compiled steps.
+* ``algorithm1``: Algorithm 1 — plain SGD on one random example per step.
+* ``per_example_grads``: ``jax.vmap`` of the gradient, with optional per-example clipping (DP-SGD).
+* ``fit``: the loop behind ``jbackprop train`` (``trainer.py``: checkpoints, metrics, curves).
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+import jbackprop as jb
+from jbackprop import reference
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """Everything that determines a run (a seed reproduces it exactly)."""
+    model: str = "mlp"              # mlp | resnet-s | cnn
+    dataset: str = "digits"         # digits | xor | housing | PATH.npz
+    optimizer: str = "adam"         # sgd | momentum | adam
+    lr: float = 1e-3
+    batch_size: int = 32
+    epochs: int = 100
+    seed: int = 0
+    backward: str = "manual"        # manual | autodiff
+    width: int = 256
+    depth: int = 3                  # ResNet-S blocks
+    weight_decay: float = 1e-4
+    input_noise: float = 0.6        # std of Gaussian noise added to training inputs
+    schedule: str = "cosine"        # cosine | constant
+
+
+class TrainState(NamedTuple):
+    params: Any
+    opt_state: Any
+    epoch: jax.Array                 # completed epochs
+
+
+def make_model(cfg: Config, in_shape: tuple[int, ...], num_outputs: int):
+    """``(init(key) -> params, apply(params, x) -> output)`` for one example."""
+    manual = cfg.backward == "manual"
+    if cfg.backward not in ("manual", "autodiff"):
+        raise ValueError(f"backward must be 'manual' or 'autodiff', got {cfg.backward!r}")
+    d = 1
+    for n in in_shape:
+        d *= int(n)
+    if cfg.model == "mlp":
+        sizes = [d, cfg.width, cfg.width, num_outputs]
+        return (lambda key: jb.mlp_init(key, sizes)), (jb.mlp if manual else reference.mlp)
+    if cfg.model == "resnet-s":
+        return (lambda key: jb.resnet_s_init(key, d, cfg.width, cfg.depth, num_outputs)), \
+            (jb.resnet_s if manual else reference.resnet_s)
+    if cfg.model == "cnn":
+        side = int(round(d ** 0.5))
+        image = side * side == d and side > 2      # square images (digits 8×8): Conv2D
+        shape = (side, side, 1) if image else (d, 1)
+        net = jb.conv_net(channels=16, k=3, num_classes=num_outputs, conv="2d" if image else "1d",
+                          reference=not manual)
+        return (lambda key: net.init(key, shape)), (lambda p, x: net.apply(p, x.reshape(shape)))
+    raise ValueError(f"unknown model {cfg.model!r}: choose mlp, resnet-s or cnn")
+
+
+def make_loss(apply: Callable, task: str, backward: str) -> Callable:
+    """Mean over the batch of the per-example loss (cross-entropy or squared error, 7.2)."""
+    lib = jb if backward == "manual" else reference
+    per_example = lib.cross_entropy_loss if task == "classification" else lib.mse_loss
+    return lambda p, x, y: jnp.mean(jax.vmap(lambda x, y: per_example(apply(p, x), y))(x, y))
+
+
+def make_optimizer(cfg: Config, steps: int) -> optax.GradientTransformation:
+    lr = optax.cosine_decay_schedule(cfg.lr, max(steps, 1)) if cfg.schedule == "cosine" else cfg.lr
+    if cfg.optimizer == "sgd":
+        opt = optax.sgd(lr)
+    elif cfg.optimizer == "momentum":
+        opt = optax.sgd(lr, momentum=0.9)
+    elif cfg.optimizer == "adam":     # decoupled weight decay (AdamW)
+        return optax.adamw(lr, weight_decay=cfg.weight_decay)
+    else:
+        raise ValueError(f"unknown optimizer {cfg.optimizer!r}: choose sgd, momentum or adam")
+    return optax.chain(optax.add_decayed_weights(cfg.weight_decay), opt) if cfg.weight_decay else opt
+
+
+def train_epoch(loss: Callable, opt: optax.GradientTransformation, state: TrainState,
+                x: jax.Array, y: jax.Array, key: jax.Array, batch_size: int,
+                input_noise: float = 0.0) -> tuple[TrainState, jax.Array]:
+    """Algorithm 2: a permutation of the training set, then one step per mini-batch of
+    ``batch_size`` examples (the last ``n mod batch_size`` of the permutation wait for the next
+    epoch). Returns the new state and the loss of every step. Jit it with static
+    ``loss, opt, batch_size, input_noise``."""
+    n = (x.shape[0] // batch_size) * batch_size
+    k_perm, k_noise = jax.random.split(key)
+    batches = jax.random.permutation(k_perm, x.shape[0])[:n].reshape(-1, batch_size)
+
+    def step(carry, inputs):
+        params, opt_state = carry
+        idx, i = inputs
+        xb = x[idx]
+        if input_noise:
+            xb = xb + input_noise * jax.random.normal(jax.random.fold_in(k_noise, i), xb.shape, xb.dtype)
+        value, grads = jax.value_and_grad(loss)(params, xb, y[idx])
+        updates, opt_state = opt.update(grads, opt_state, params)
+        return (optax.apply_updates(params, updates), opt_state), value
+
+    (params, opt_state), losses = jax.lax.scan(
+        step, (state.params, state.opt_state), (batches, jnp.arange(batches.shape[0])))
+    return TrainState(params, opt_state, state.epoch + 1), losses
+
+
+def algorithm1(loss: Callable, params: Any, x: jax.Array, y: jax.Array, key: jax.Array,
+               lr: float, steps: int) -> tuple[Any, jax.Array]:
+    """Algorithm 1: ``θ := θ − α ∇θ J^{(j)}(θ)`` for a uniformly random example ``j`` per step."""
+    def step(params, k):
+        j = jax.random.randint(k, (), 0, x.shape[0])
+        value, grads = jax.value_and_grad(loss)(params, x[j][None], y[j][None])
+        return jax.tree.map(lambda p, g: p - lr * g, params, grads), value
+    return jax.lax.scan(step, params, jax.random.split(key, steps))
+
+
+def per_example_grads(loss: Callable, params: Any, x: jax.Array, y: jax.Array,
+                      clip_norm: float | None = None) -> tuple[Any, jax.Array]:
+    """Per-example gradients (``jax.vmap`` of ``jax.grad``) of ``loss(params, x[None], y[None])``.
+
+    With ``clip_norm``, each example's gradient is scaled to global norm ≤ ``clip_norm`` (as in
+    differentially-private SGD). Returns the per-example gradients (a leading batch axis on
+    every leaf) and their norms before clipping.
+    """
+    grads = jax.vmap(jax.grad(lambda p, xi, yi: loss(p, xi[None], yi[None])), (None, 0, 0))(params, x, y)
+    norms = jnp.sqrt(sum(jnp.sum(g.reshape(g.shape[0], -1) ** 2, axis=1) for g in jax.tree.leaves(grads)))
+    if clip_norm is not None:
+        scale = jnp.minimum(1.0, clip_norm / jnp.maximum(norms, 1e-12))
+        grads = jax.tree.map(lambda g: g * scale.reshape((-1,) + (1,) * (g.ndim - 1)), grads)
+    return grads, norms
+
+
+def evaluate(apply: Callable, params: Any, x: jax.Array, y: jax.Array, task: str,
+             backward: str = "manual") -> tuple[jax.Array, jax.Array]:
+    """Mean loss and accuracy (classification) or root-mean-square error (regression)."""
+    out = jax.vmap(lambda xi: apply(params, xi))(x)
+    loss = make_loss(lambda p, xi: apply(p, xi), task, backward)(params, x, y)
+    if task == "classification":
+        return loss, jnp.mean(jnp.argmax(out, -1) == y)
+    return loss, jnp.sqrt(jnp.mean((out - y) ** 2))
