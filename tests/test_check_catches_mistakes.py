@@ -396,7 +396,7 @@ MISTAKES = {
 }
 
 # Without a reference: finite differences and Taylor (and the adjoint test, whose J t then
-# comes from finite differences) still catch a wrong derivative; reverse-over-reverse is skipped.
+# comes from finite differences) still catch a wrong derivative; reverse-over-reverse needs no reference either.
 NO_REFERENCE = {"a": {"finite_differences", "taylor", "adjoint"},
                 "c": {"finite_differences", "taylor", "adjoint"},
                 "g": {"finite_differences", "taylor", "adjoint"}}
@@ -466,7 +466,7 @@ def test_adjoint_test_catches_the_missing_transpose():
 
 def test_f_relu_kink_caught_only_against_autodiff():
     """(f) At z = 0 the one-sided derivatives are 0 and 1: finite differences leave the kink
-    out, the Taylor test along δ sees one side only, so only the reference's derivative (its
+    out, the Taylor direction and the adjoint tangent are zero there, so only the reference's derivative (its
     convention σ'(0) = 0) tells z ≥ 0 from z > 0."""
     report = report_of("f")
     (z,) = report.leaves
