@@ -85,3 +85,13 @@ def test_cli_check_one_module(tmp_path, capsys):
 
 def test_cli_unknown_module_is_an_error(capsys):
     assert cli.main(["check", "--module", "no_such_module", "--jobs", "1"]) == 2
+
+
+def test_cli_train_xor(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert cli.main(["train", "--dataset", "xor", "--width", "16", "--epochs", "2",
+                     "--no-progress", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "test accuracy" in printed and str(out / "metrics.json") in printed
+    assert cli.main(["train", "--resume", str(out), "--no-progress"]) == 0  # already done: no-op
+    assert cli.main(["train", "--dataset", "nope", "--out", str(tmp_path / "x")]) == 2
