@@ -41,8 +41,11 @@ def _train(args: argparse.Namespace) -> int:
     from jbackprop.train import Config
 
     if args.resume:
-        ckpt = os.path.join(args.resume, trainer.CHECKPOINT)
-        _, _, saved = trainer.load_checkpoint(ckpt)
+        try:
+            _, _, saved = trainer.load_checkpoint(os.path.join(args.resume, trainer.CHECKPOINT))
+        except (FileNotFoundError, OSError, ValueError) as e:
+            print(f"jbackprop train: --resume {args.resume}: {e}", file=sys.stderr)
+            return 2
         cfg, out = Config(**saved), args.resume
         print(f"resuming {out} at its saved configuration: {saved}")
     else:

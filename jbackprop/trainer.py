@@ -82,10 +82,11 @@ def fit(cfg: Config, out_dir: str, resume: bool = False, progress: bool = True) 
             losses = np.asarray(losses)
             if not np.all(np.isfinite(losses)):
                 bad = int(np.argmax(~np.isfinite(losses)))
+                kept = (f"keeping the last good checkpoint {ckpt} (epoch {int(state.epoch)})"
+                        if os.path.exists(ckpt) else "no epoch had finished, so no checkpoint")
                 raise NonFiniteLoss(
                     f"the training loss became {losses[bad]} at step {int(state.epoch) * steps_per_epoch + bad + 1} "
-                    f"(epoch {int(state.epoch) + 1}, batch {bad + 1}); stopped, keeping the last good "
-                    f"checkpoint {ckpt} (epoch {int(state.epoch)}). Try a smaller --lr.")
+                    f"(epoch {int(state.epoch) + 1}, batch {bad + 1}); stopped, {kept}. Try a smaller --lr.")
             state = new
             tr_loss, tr_metric = eval_fn(state.params, x, y)
             te_loss, te_metric = eval_fn(state.params, jnp.asarray(ds.x_test), jnp.asarray(ds.y_test))

@@ -95,3 +95,5 @@ def test_cli_train_xor(tmp_path, capsys):
     assert "test accuracy" in printed and str(out / "metrics.json") in printed
     assert cli.main(["train", "--resume", str(out), "--no-progress"]) == 0  # already done: no-op
     assert cli.main(["train", "--dataset", "nope", "--out", str(tmp_path / "x")]) == 2
+    assert cli.main(["train", "--resume", str(tmp_path / "nothing-here")]) == 2
+    assert "no checkpoint to resume from" in capsys.readouterr().err
