@@ -20,19 +20,16 @@ against float64 finite differences of it). The residual bytes come from ``jax.ad
 """
 from __future__ import annotations
 
-import contextlib
 import functools
 import inspect
-import io
 import math
-import re
 from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jbackprop.check_report import Check, Comparison, Leaf, Report, Taylor
+from jbackprop.check_report import Check, Comparison, Leaf, Report, Taylor, saved_residuals
 
 # Relative tolerance of a hand-written cotangent against autodiff, by the dtype it is computed in.
 TOLERANCES = {"float64": 1e-9, "float32": 1e-4, "float16": 5e-3, "bfloat16": 3e-2}
@@ -104,7 +101,8 @@ def verify_vjp(fn: Callable, *args: Any, reference: Callable | None = None,
             else argnums
     report_checks = [c for c in (checks64.get("adjoint"), *_working_dtype_checks(
         prob, v, g, tol, checks, batch_argnums), checks64.get("reverse_over_reverse")) if c]
-    nbytes, residuals = _saved_residuals(prob) if backward is None else (None, [])
+    nbytes, residuals = saved_residuals(lambda *l: prob.call(list(l)), prob.leaves, prob.labels) \
+        if backward is None else (None, [])
     return Report(name or getattr(fn, "__name__", "fn"), prob.dtype, leaves, report_checks,
                   nbytes, residuals)
 
@@ -347,31 +345,6 @@ def _vmap_error(p: _Problem, batch_argnums, tol) -> float:
         for c, e, b in zip(cts, zip(*per), batched_leaf):
             errs.append(_compare(c, jnp.stack(e) if b else sum(e), tol).error)
     return max(errs)
-
-
-def _saved_residuals(p: _Problem):
-    from jax.ad_checkpoint import print_saved_residuals
-    buf = io.StringIO()
-    try:
-        with contextlib.redirect_stdout(buf):
-            print_saved_residuals(lambda *l: p.call(list(l)), *p.leaves)
-    except Exception:  # noqa: BLE001 — not every function can be inspected
-        return None, []
-    lines = [re.sub(r"argument l\[(\d+)\]", lambda m: p.labels[int(m.group(1))], ln)
-             for ln in buf.getvalue().splitlines() if ln.strip()]
-    return sum(_aval_bytes(ln) for ln in lines), lines
-
-
-_SIZES = {"f64": 8, "f32": 4, "f16": 2, "bf16": 2, "i64": 8, "i32": 4, "i16": 2, "i8": 1,
-          "u64": 8, "u32": 4, "u8": 1, "bool": 1, "c64": 8, "c128": 16}
-
-
-def _aval_bytes(line: str) -> int:
-    m = re.match(r"\s*(\w+)\[([\d,\s]*)\]", line)
-    if not m:
-        return 0
-    dims = [int(s) for s in m.group(2).split(",") if s.strip()]
-    return _SIZES.get(m.group(1), 4) * math.prod(dims)
 
 
 def _compare(actual, expected, tol) -> Comparison:

@@ -2,9 +2,12 @@
 checks, a readable table and JSON."""
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import io
 import json
 import math
+import re
 from typing import Any, Sequence
 
 
@@ -186,3 +189,30 @@ def _finite(x):
     if isinstance(x, (list, tuple)):
         return [_finite(v) for v in x]
     return x
+
+
+def saved_residuals(f, leaves, labels) -> tuple[int | None, list[str]]:
+    """Bytes and descriptions of what the forward of ``f(*leaves)`` saves for the backward, from
+    ``jax.ad_checkpoint.print_saved_residuals`` (argument ``l[k]`` is named ``labels[k]``)."""
+    from jax.ad_checkpoint import print_saved_residuals
+    buf = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(buf):
+            print_saved_residuals(f, *leaves)
+    except Exception:  # noqa: BLE001 — not every function can be inspected
+        return None, []
+    lines = [re.sub(r"argument l\[(\d+)\]", lambda m: labels[int(m.group(1))], ln)
+             for ln in buf.getvalue().splitlines() if ln.strip()]
+    return sum(_aval_bytes(ln) for ln in lines), lines
+
+
+_SIZES = {"f64": 8, "f32": 4, "f16": 2, "bf16": 2, "i64": 8, "i32": 4, "i16": 2, "i8": 1,
+          "u64": 8, "u32": 4, "u8": 1, "bool": 1, "c64": 8, "c128": 16}
+
+
+def _aval_bytes(line: str) -> int:
+    m = re.match(r"\s*(\w+)\[([\d,\s]*)\]", line)
+    if not m:
+        return 0
+    dims = [int(s) for s in m.group(2).split(",") if s.strip()]
+    return _SIZES.get(m.group(1), 4) * math.prod(dims)
