@@ -21,9 +21,20 @@ _INDEXING = re.compile(r"(?<=[\w\]])\[")
 
 
 def escape_indexing(text: str) -> str:
-    """Escape ``[`` after a word character or ``]`` outside code spans and math."""
-    parts = _PROTECTED.split(text)
-    return "".join(p if k % 2 else _INDEXING.sub(r"\\[", p) for k, p in enumerate(parts))
+    """Escape ``[`` after a word character or ``]``, outside code (spans, fenced blocks, blocks
+    indented by four spaces after a blank line) and math (``$...$``, ``$$`` blocks)."""
+    out, fenced, code, blank = [], False, False, True
+    for line in text.splitlines():
+        indent, stripped = len(line) - len(line.lstrip()), line.strip()
+        fence = stripped.startswith("```") or stripped == "$$"
+        fenced ^= fence
+        code = bool(stripped) and indent >= 4 and (blank or code)
+        if not (fenced or fence or code):
+            parts = _PROTECTED.split(line)
+            line = "".join(p if k % 2 else _INDEXING.sub(r"\\[", p) for k, p in enumerate(parts))
+        out.append(line)
+        blank = not line.strip()
+    return "\n".join(out)
 
 
 def to_markdown(text: str) -> str:
