@@ -65,8 +65,8 @@ def _param_gradient(ax, x, label):
 
 def _legend(ax, x, y, width):
     entries = [(FORWARD, "forward: the values, left to right"),
-               (BACKWARD, r"backward, right to left: $v = \partial J/\partial(\mathrm{output})$ in, "
-                          r"$B[M, z](v)$ out"),
+               (BACKWARD, r"backward, right to left: $v = \partial J/\partial(\mathrm{output})$"
+                          r" in, $B[M, z](v)$ out"),
                (PARAM, r"parameter gradients $B[M, \theta](v)$"),
                (KEPT, "keeps: the residuals the forward saves for the backward")]
     for k, (color, text) in enumerate(entries):
@@ -90,27 +90,36 @@ def _save(fig, path):
     plt.close(fig)
 
 
+def _modules(ax, rows, left, right, last):
+    """A row of module boxes from x = 0, with the forward and backward arrows from ``left`` (a
+    point before the first box) through the boxes to ``right``. Each row of ``rows`` is
+    ``(module, what it keeps, its input, ∂J/∂input, the B[M, z](·) that computes it)`` in TeX;
+    ``last`` labels the arrows after the last box (forward, backward). Returns the boxes' x."""
+    xs = [k * (BOX_W + GAP) for k in range(len(rows))]
+    for x, (module, kept, *_) in zip(xs, rows):
+        _box(ax, x, f"${module}$", kept)
+    forward = [f"${value}$" for _, _, value, _, _ in rows] + [last[0]]
+    backward = [f"${bar}$\n$= {formula}$" for *_, bar, formula in rows] + [last[1]]
+    _chain(ax, xs, [left] + xs + [right], forward, backward)
+    return xs
+
+
 def mlp_dataflow(path):
     """Algorithm 3 on the MLP x → MM₁ → σ → MM₂ → ℓ(·, y) → J (one hidden layer, σ = ReLU)."""
-    xs = [k * (BOX_W + GAP) for k in range(4)]
-    x_in, x_out = xs[0] - BOX_W / 2 - 2.4, xs[-1] + BOX_W / 2 + 1.6
+    x_in, x_out = -BOX_W / 2 - 2.4, 3 * (BOX_W + GAP) + BOX_W / 2 + 1.6
     xlim = (x_in - 0.8, x_out + 0.8)
     fig, ax = _figure(xlim, (-4.1, 2.1))
-    for x, (title, kept) in zip(xs, [(r"$\mathrm{MM}_1$", r"$W^{[1]}, x$"),
-                                     (r"$\sigma$", r"$a^{[1]}$"),
-                                     (r"$\mathrm{MM}_2$", r"$W^{[2]}, a^{[1]}$"),
-                                     (r"$\ell(\cdot, y)$", r"softmax$(t)$, $y$")]):
-        _box(ax, x, title, kept)
-    forward = [r"$x$", r"$z^{[1]}$", r"$a^{[1]}$", r"$t = z^{[2]}$", r"$J$"]
-    backward = [r"$\partial J/\partial x$" + "\n" + r"$= B[\mathrm{MM}_1, z](v)$",
-                r"$\partial J/\partial z^{[1]}$" + "\n" + r"$= B[\sigma, z](v)$",
-                r"$\partial J/\partial a^{[1]}$" + "\n" + r"$= B[\mathrm{MM}_2, z](v)$",
-                r"$\partial J/\partial t$" + "\n" + r"$= B[\ell, t](v)$",
-                r"$v = 1$"]
-    _chain(ax, xs, [x_in] + xs + [x_out], forward, backward)
+    d = r"\partial J/\partial "
+    xs = _modules(ax, [
+        (r"\mathrm{MM}_1", r"$W^{[1]}, x$", "x", d + "x", r"B[\mathrm{MM}_1, z](v)"),
+        (r"\sigma", r"$a^{[1]}$", "z^{[1]}", d + "z^{[1]}", r"B[\sigma, z](v)"),
+        (r"\mathrm{MM}_2", r"$W^{[2]}, a^{[1]}$", "a^{[1]}", d + "a^{[1]}",
+         r"B[\mathrm{MM}_2, z](v)"),
+        (r"\ell(\cdot, y)", r"softmax$(t)$, $y$", "t = z^{[2]}", d + "t", r"B[\ell, t](v)"),
+    ], x_in, x_out, (r"$J$", r"$v = 1$"))
     for k, x in ((1, xs[0]), (2, xs[2])):
-        _param_gradient(ax, x, rf"$\partial J/\partial W^{{[{k}]}},\ \partial J/\partial "
-                               rf"b^{{[{k}]}}$" + "\n" + rf"$= B[\mathrm{{MM}}_{k}, \theta](v)$")
+        _param_gradient(ax, x, rf"${d}W^{{[{k}]}},\ {d}b^{{[{k}]}}$" + "\n"
+                               rf"$= B[\mathrm{{MM}}_{k}, \theta](v)$")
     ax.text(sum(xlim) / 2, 1.6, "An MLP with one hidden layer: forward, then backward "
             "(Algorithm 3)", ha="center", fontsize=14, weight="bold")
     _legend(ax, xlim[0] + 0.3, -3.3, xlim[1] - xlim[0])
@@ -119,25 +128,20 @@ def mlp_dataflow(path):
 
 def residual_dataflow(path):
     """Res(z) = z + σ(MM₂(σ(MM₁(z)))): the skip adds v to the inner branch's B[inner, z](v)."""
-    xs = [k * (BOX_W + GAP) for k in range(4)]
-    split, plus = xs[0] - BOX_W / 2 - 3.3, xs[-1] + BOX_W / 2 + 1.7
+    split, plus = -BOX_W / 2 - 3.3, 3 * (BOX_W + GAP) + BOX_W / 2 + 1.7
     out = plus + 1.9
     xlim = (split - 4.6, out + 0.6)
     fig, ax = _figure(xlim, (-5.5, 3.6))
-    for x, (title, kept) in zip(xs, [(r"$\mathrm{MM}_1$", r"$W_1, z$"),
-                                     (r"$\sigma$", r"$h_1$"),
-                                     (r"$\mathrm{MM}_2$", r"$W_2, h_1$"),
-                                     (r"$\sigma$", r"$h_2$")]):
-        _box(ax, x, title, kept)
-    forward = [r"$z$", r"$a_1$", r"$h_1$", r"$a_2$", r"$h_2$"]
-    backward = [r"$B[\mathrm{inner}, z](v)$" + "\n" + r"$= B[\mathrm{MM}_1, z](\bar a_1)$",
-                r"$\bar a_1$" + "\n" + r"$= B[\sigma, z](\bar h_1)$",
-                r"$\bar h_1$" + "\n" + r"$= B[\mathrm{MM}_2, z](\bar a_2)$",
-                r"$\bar a_2$" + "\n" + r"$= B[\sigma, z](v)$", r"$v$"]
-    _chain(ax, xs, [split] + xs + [plus - 0.3], forward, backward)
-    for k, x, v in ((1, xs[0], r"\bar a_1"), (2, xs[2], r"\bar a_2")):
+    xs = _modules(ax, [
+        (r"\mathrm{MM}_1", r"$W_1, z$", "z", r"B[\mathrm{inner}, z](v)",
+         r"B[\mathrm{MM}_1, z](\bar a_1)"),
+        (r"\sigma", r"$h_1$", "a_1", r"\bar a_1", r"B[\sigma, z](\bar h_1)"),
+        (r"\mathrm{MM}_2", r"$W_2, h_1$", "h_1", r"\bar h_1", r"B[\mathrm{MM}_2, z](\bar a_2)"),
+        (r"\sigma", r"$h_2$", "a_2", r"\bar a_2", r"B[\sigma, z](v)"),
+    ], split, plus - 0.3, (r"$h_2$", r"$v$"))
+    for k, x in ((1, xs[0]), (2, xs[2])):
         _param_gradient(ax, x, rf"$\bar W_{k}, \bar b_{k}$" + "\n"
-                               rf"$= B[\mathrm{{MM}}_{k}, \theta]({v})$")
+                               rf"$= B[\mathrm{{MM}}_{k}, \theta](\bar a_{k})$")
     ax.add_patch(plt.Circle((plus, 0), 0.3, fc="white", ec="#333333", lw=1.3))
     ax.text(plus, 0, "+", ha="center", va="center", fontsize=17)
     ax.plot([split], [0], "o", color="#333333", ms=9)
