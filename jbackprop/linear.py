@@ -28,6 +28,9 @@ def _mm_bwd(res, v):
     W, z, keys = res
     batch = tuple(range(z.ndim - 1))                 # leading (batch) axes, summed over
     W_bar = jnp.tensordot(v, z, axes=(batch, batch))  # B[MM, W](v) = v zᵀ   (Σ_batch: Vᵀ X)
+    # W_bar first: then z (often kept only for this) is dead before z_bar's buffer is needed.
+    # XLA may otherwise schedule z_bar first and hold both (+1 activation of temporary memory).
+    W_bar, v = jax.lax.optimization_barrier((W_bar, v))
     z_bar = v @ W                                     # B[MM, z](v) = Wᵀ v   (batched: V W)
     params_bar = {"W": W_bar}
     if "b" in keys:
@@ -45,7 +48,9 @@ def mm(params, z):
     .. math::
         B[MM, z](v) = W^\top v, \quad B[MM, W](v) = v z^\top, \quad B[MM, b](v) = v.
 
-    Residuals saved by the forward: ``W`` and ``z`` (nothing new is allocated).
+    Residuals saved by the forward: ``W`` and ``z`` (nothing new is allocated). The backward
+    computes ``B[MM, W]`` before ``B[MM, z]`` (an ``optimization_barrier`` fixes the order), so
+    that ``z`` can be freed before ``B[MM, z]`` is allocated.
 
     Args:
       params: ``{"W": (n, m), "b": (n,)}``; ``"b"`` may be absent (no bias).

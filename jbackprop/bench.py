@@ -1,0 +1,293 @@
+"""``jbackprop bench``: hand-written backward against ``jax.grad``, timed as whole training steps.
+
+For every configuration of ``bench_models.CONFIGS``, each version (``manual``: jbackprop's
+hand-written backward; ``autodiff``: ``jax.grad`` of the pure-jnp reference; ``manual,
+batched``: the modules called on the batch instead of vmapped) is jit-compiled three ways —
+the training step (forward, backward, optax Adam update), the forward alone (the mean loss) and
+forward + backward (``value_and_grad``) — and all of them are timed **interleaved** (one call
+of each per round, after warm-up) so that the machine's drift hits every version alike; the
+report gives medians. Compile time is ``lower`` + ``compile`` of the step; temporary memory is
+``temp_size_in_bytes`` of the compiled step's ``memory_analysis()``. A GEMM probe (a large
+``a @ b``) gives this machine's matrix-multiply rate, so that step throughput can be read as a
+fraction of it. Optional columns (PyTorch, Equinox) come from ``bench_external``.
+"""
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import statistics
+import time
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+import jbackprop as jb
+from jbackprop import bench_external, bench_models
+from jbackprop.bench_models import Problem
+
+
+def train_step(loss: Callable, opt: optax.GradientTransformation) -> Callable:
+    """``(params, opt_state, x, y) -> (params, opt_state, loss)``: one optax step."""
+    def step(params, opt_state, x, y):
+        value, grads = jax.value_and_grad(loss)(params, x, y)
+        updates, opt_state = opt.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, value
+    return step
+
+
+def compile_timed(fn: Callable, *args) -> tuple[Callable, float, int | None]:
+    """``jax.jit(fn)`` lowered and compiled for ``args``: (executable, seconds, temp bytes)."""
+    start = time.perf_counter()
+    compiled = jax.jit(fn).lower(*args).compile()
+    seconds = time.perf_counter() - start
+    memory = compiled.memory_analysis()
+    temp = getattr(memory, "temp_size_in_bytes", None) if memory is not None else None
+    return compiled, seconds, temp
+
+
+def interleaved_medians(calls: dict[str, Callable[[], Any]], budget_s: float,
+                        min_rounds: int = 5, max_rounds: int = 400) -> dict[str, float]:
+    """Median seconds of each call, timed round-robin (one call of each per round).
+
+    Two warm-up rounds first; the number of rounds fits ``budget_s`` from the warm-up's timing,
+    between ``min_rounds`` and ``max_rounds``.
+    """
+    def once(f):
+        start = time.perf_counter()
+        jax.block_until_ready(f())
+        return time.perf_counter() - start
+
+    for _ in range(2):
+        warm = sum(once(f) for f in calls.values())
+    rounds = int(min(max(budget_s / max(warm, 1e-9), min_rounds), max_rounds))
+    times: dict[str, list[float]] = {k: [] for k in calls}
+    for _ in range(rounds):
+        for k, f in calls.items():
+            times[k].append(once(f))
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def gemm_probe(n: int = 2048, budget_s: float = 3.0) -> dict:
+    """This machine's float32 matrix-multiply rate: ``a @ b`` with ``a, b`` of shape (n, n)."""
+    a, b = (jax.random.normal(jax.random.PRNGKey(i), (n, n), jnp.float32) for i in (0, 1))
+    f, _, _ = compile_timed(jnp.matmul, a, b)
+    seconds = interleaved_medians({"gemm": lambda: f(a, b)}, budget_s)["gemm"]
+    return {"n": n, "dtype": "float32", "ms": 1e3 * seconds, "gflops": 2 * n ** 3 / seconds / 1e9}
+
+
+def _max_rel_diff(a, b) -> float:
+    """max |a − b| / max |b| over all leaves: the two versions compute the same gradient."""
+    num = max(float(jnp.max(jnp.abs(x - y))) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+    den = max(float(jnp.max(jnp.abs(y))) for y in jax.tree.leaves(b))
+    return num / max(den, 1e-30)
+
+
+def run_config(config: bench_models.Config, quick: bool, budget_s: float,
+               external: bool) -> dict:
+    """Build, compile and time every version of one configuration; returns its JSON record."""
+    problem: Problem = config.build(quick)
+    opt = optax.adam(1e-3)
+    args = (problem.params, opt.init(problem.params), problem.x, problem.y)
+    calls, record = {}, {"name": config.name, "description": config.description,
+                         "matmul_flops": problem.matmul_flops, "versions": {}}
+    grads = {}
+    for version, loss in problem.losses.items():
+        step, compile_s, temp = compile_timed(train_step(loss, opt), *args)
+        fwd, _, _ = compile_timed(loss, *args[:1], *args[2:])
+        grad, _, _ = compile_timed(jax.value_and_grad(loss), *args[:1], *args[2:])
+        grads[version] = grad(problem.params, problem.x, problem.y)[1]
+        calls[(version, "step")] = lambda step=step: step(*args)
+        calls[(version, "fwd")] = lambda fwd=fwd: fwd(problem.params, problem.x, problem.y)
+        calls[(version, "grad")] = lambda grad=grad: grad(problem.params, problem.x, problem.y)
+        record["versions"][version] = {"compile_s": compile_s, "temp_bytes": temp}
+    for version in grads:
+        record["versions"][version]["grad_rel_diff_vs_autodiff"] = \
+            _max_rel_diff(grads[version], grads["autodiff"])
+    if external:
+        for name, step in bench_external.steps(problem.spec, problem.x, problem.y).items():
+            calls[(name, "step")] = step
+            record["versions"][name] = {}
+    medians = interleaved_medians(calls, budget_s)
+    for (version, what), seconds in medians.items():
+        record["versions"][version][f"{what}_ms"] = 1e3 * seconds
+    for v in record["versions"].values():
+        if "grad_ms" in v:
+            v["bwd_over_fwd"] = (v["grad_ms"] - v["fwd_ms"]) / v["fwd_ms"]
+    return record
+
+
+def ratios(record: dict) -> dict:
+    """Step-time and memory ratios of a configuration's record (manual over autodiff, …)."""
+    v = record["versions"]
+    out = {"step_manual_over_autodiff": v["manual"]["step_ms"] / v["autodiff"]["step_ms"]}
+    if v["manual"]["temp_bytes"] is not None and v["autodiff"]["temp_bytes"]:
+        out["temp_manual_over_autodiff"] = v["manual"]["temp_bytes"] / v["autodiff"]["temp_bytes"]
+    if "manual, batched" in v:
+        out["step_vmap_over_batched"] = v["manual"]["step_ms"] / v["manual, batched"]["step_ms"]
+    for name in v:
+        if name not in bench_models.LIBS and name != "manual, batched" and "step_ms" in v[name]:
+            out[f"step_manual_over_{name}"] = v["manual"]["step_ms"] / v[name]["step_ms"]
+    return out
+
+
+def compile_vs_depth(depths=(8, 1024), width: int = 64, batch: int = 32,
+                     repeats: int = 3) -> dict[int, float]:
+    """Median seconds to trace and compile ``jit(grad)`` of a vmapped ResNet-S at each depth."""
+    def seconds(depth):
+        params = jb.resnet_s_init(jax.random.PRNGKey(0), 16, width, depth, 10)
+        x, y = jnp.ones((batch, 16)), jnp.zeros((batch,), jnp.int32)
+        loss = bench_models.per_example(jb, bench_models.resnet_apply)    # a fresh function
+        return compile_timed(jax.grad(loss), params, x, y)[1]             # each time
+    seconds(2)                                                                 # warm up JAX
+    return {d: statistics.median(seconds(d) for _ in range(repeats)) for d in depths}
+
+
+def machine() -> dict:
+    device = jax.devices()[0]
+    return {"date": datetime.date.today().isoformat(), "platform": device.platform,
+            "device": device.device_kind, "devices": jax.device_count(),
+            "cpu_count": os.cpu_count(), "processor": platform.processor() or platform.machine(),
+            "python": platform.python_version(), "jax": jax.__version__,
+            "external": bench_external.available()}
+
+
+def targets(result: dict) -> list[dict]:
+    """The issue's targets, each with its measured value and whether it holds."""
+    out = []
+
+    def add(what, value, limit):
+        out.append({"target": what, "value": value, "limit": limit, "ok": value <= limit})
+
+    for r in result["configs"]:
+        q = ratios(r)
+        limit = 0.85 if r["name"] == "layernorm-net" else 1.00
+        add(f"{r['name']}: step manual/autodiff", q["step_manual_over_autodiff"], limit)
+        if "temp_manual_over_autodiff" in q:
+            add(f"{r['name']}: temp memory manual/autodiff", q["temp_manual_over_autodiff"], 1.0)
+        if "step_vmap_over_batched" in q:
+            add(f"{r['name']}: vmap-batched/batched step", q["step_vmap_over_batched"], 1.05)
+        if r["name"].startswith("mlp"):
+            add(f"{r['name']}: backward/forward (manual)", r["versions"]["manual"]["bwd_over_fwd"], 2.2)
+        if r["name"] == "mlp-large":
+            frac = r["matmul_flops"] / (r["versions"]["manual"]["step_ms"] * 1e-3) / 1e9 \
+                / result["gemm"]["gflops"]
+            r["fraction_of_gemm"] = frac
+            out.append({"target": "mlp-large: step FLOP rate / GEMM probe", "value": frac,
+                        "limit": 0.85, "ok": frac >= 0.85})
+        if "step_manual_over_torch.compile" in q and r["name"] == "mlp-large":
+            add("mlp-large: step manual/torch.compile", q["step_manual_over_torch.compile"], 1.0)
+    for d, s in result.get("compile_vs_depth", {}).items():
+        if int(d) >= 1024:
+            add(f"ResNet-S compile, depth {d} (s)", s, 2.0)
+    return out
+
+
+def _mb(b):
+    return "—" if b is None else f"{b / 2 ** 20:.1f}"
+
+
+def format_table(result: dict) -> str:
+    """The report as a plain-text table: one row per configuration, then the targets."""
+    head = ("config", "manual ms", "autodiff ms", "ratio", "batched ms", "vmap/batch",
+            "bwd/fwd man.", "bwd/fwd auto.", "compile s m/a", "temp MB m/a", "|Δg| rel")
+    rows = []
+    for r in result["configs"]:
+        v, q = r["versions"], ratios(r)
+        m, a, b = v["manual"], v["autodiff"], v.get("manual, batched")
+        rows.append((r["name"], f"{m['step_ms']:.2f}", f"{a['step_ms']:.2f}",
+                     f"{q['step_manual_over_autodiff']:.2f}",
+                     f"{b['step_ms']:.2f}" if b else "—",
+                     f"{q['step_vmap_over_batched']:.2f}" if b else "—",
+                     f"{m['bwd_over_fwd']:.2f}", f"{a['bwd_over_fwd']:.2f}",
+                     f"{m['compile_s']:.2f}/{a['compile_s']:.2f}",
+                     f"{_mb(m['temp_bytes'])}/{_mb(a['temp_bytes'])}",
+                     f"{m['grad_rel_diff_vs_autodiff']:.0e}"))
+    extra = sorted({k for r in result["configs"] for k in r["versions"]} - set(bench_models.LIBS)
+                   - {"manual, batched"})
+    if extra:
+        head = head + tuple(f"{k} ms" for k in extra)
+        rows = [row + tuple(f"{r['versions'][k]['step_ms']:.2f}" if k in r["versions"] else "—"
+                            for k in extra) for row, r in zip(rows, result["configs"])]
+    widths = [max(len(str(x)) for x in col) for col in zip(head, *rows)]
+    line = lambda cells: "  ".join(str(c).rjust(w) if i else str(c).ljust(w)
+                                   for i, (c, w) in enumerate(zip(cells, widths)))
+    m = result["machine"]
+    out = [f"{m['device']} ({m['platform']}, {m['cpu_count']} cores), jax {m['jax']}, {m['date']}; "
+           f"GEMM probe {result['gemm']['n']}² float32: {result['gemm']['gflops']:.1f} GFLOP/s",
+           "step = forward + backward + Adam update, jit; medians of interleaved runs", "",
+           line(head), line(["-" * w for w in widths])]
+    out += [line(row) for row in rows]
+    if result.get("compile_vs_depth"):
+        out.append("\nResNet-S trace+compile of jit(grad): " + ", ".join(
+            f"depth {d}: {s:.2f} s" for d, s in result["compile_vs_depth"].items()))
+    out.append("\ntargets:")
+    for t in result["targets"]:
+        sign = "≥" if "GEMM" in t["target"] else "≤"
+        out.append(f"  {'ok  ' if t['ok'] else 'MISS'} {t['target']}: {t['value']:.3f} "
+                   f"(target {sign} {t['limit']})")
+    return "\n".join(out)
+
+
+def plot(result: dict, path: str) -> None:
+    """Bar chart of step time relative to ``jax.grad`` (autodiff = 1) for every version."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [r["name"] for r in result["configs"]]
+    versions = [k for k in ("manual", "manual, batched", "torch eager", "torch.compile",
+                            "equinox") if any(k in r["versions"] for r in result["configs"])]
+    fig, ax = plt.subplots(figsize=(10, 4.2))
+    width = 0.8 / len(versions)
+    for i, k in enumerate(versions):
+        vals = [r["versions"][k]["step_ms"] / r["versions"]["autodiff"]["step_ms"]
+                if k in r["versions"] else np.nan for r in result["configs"]]
+        ax.bar(np.arange(len(names)) + (i - (len(versions) - 1) / 2) * width, vals, width, label=k)
+    ax.axhline(1.0, color="k", lw=1, ls="--", label="jax.grad of the reference")
+    ax.set_xticks(np.arange(len(names)), names)
+    ax.set_ylabel("step time / autodiff step time")
+    m = result["machine"]
+    ax.set_title(f"Training step time relative to jax.grad (lower is faster) — {m['device']}, "
+                 f"{m['cpu_count']} cores, {m['date']}", fontsize=10)
+    ax.legend(fontsize=8, ncol=3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def run(names=None, quick=False, budget_s=4.0, external=True, depths=(8, 1024),
+        progress: Callable[[str], None] = print) -> dict:
+    """Run the suite; returns the result dict (machine, GEMM probe, configs, targets)."""
+    result: dict[str, Any] = {"machine": machine(), "quick": quick}
+    result["gemm"] = gemm_probe(256 if quick else 2048, budget_s=min(budget_s, 3.0))
+    result["configs"] = []
+    for config in bench_models.select(names):
+        progress(f"{config.name}: {config.description}")
+        result["configs"].append(run_config(config, quick, budget_s, external))
+    if depths:
+        progress("ResNet-S compile time against depth")
+        result["compile_vs_depth"] = compile_vs_depth(depths, repeats=1 if quick else 3)
+    result["targets"] = targets(result)
+    return result
+
+
+def main(args) -> int:
+    """``jbackprop bench`` (see ``cli.py`` for the options)."""
+    import sys
+    depths = () if args.no_compile_depth else ((2, 8) if args.quick else (8, 1024))
+    budget = args.budget if args.budget is not None else (0.3 if args.quick else 4.0)
+    result = run(args.config, args.quick, budget, not args.no_external, depths,
+                 progress=lambda s: print(s, file=sys.stderr, flush=True))
+    print(format_table(result))
+    with open(args.json, "w") as f:
+        json.dump(result, f, indent=1)
+    print(f"\nwrote {args.json}")
+    if args.plot:
+        plot(result, args.plot)
+        print(f"wrote {args.plot}")
+    return 0
