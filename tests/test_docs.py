@@ -88,15 +88,18 @@ def test_pages_with_their_own_test_are_run_there(page):
     assert fenced_blocks((DOCS / page).read_text(encoding="utf-8"), "python")
 
 
+COMMAND = re.compile(r"(?:^|&&|\|\||;|\bdo\b|\bthen\b)\s*jbackprop\b([^;&|#\n]*)", re.M)
+
+
 def jbackprop_commands(text):
-    """Every ``jbackprop ...`` command of the ```bash blocks, as an argument list."""
+    """The arguments of every ``jbackprop ...`` command that starts a command of a ```bash
+    block (a line, or after ``&&``, ``;``, ``||``, ``do``, ``then``), up to ``;&|#``."""
     commands = []
     for _, code in fenced_blocks(text, "bash"):
-        for line in code.replace("\\\n", " ").splitlines():
-            for part in re.split(r"&&|\|\||;|\|", line.split(" #")[0]):
-                words = shlex.split(part, comments=True)
-                if words[:1] == ["jbackprop"] and not any("$" in w for w in words):
-                    commands.append(words[1:])
+        for m in COMMAND.finditer(code.replace("\\\n", " ")):
+            words = shlex.split(m.group(1))
+            if not any("$" in w for w in words):    # a shell variable: cannot be parsed here
+                commands.append(words)
     return commands
 
 
