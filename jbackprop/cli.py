@@ -47,13 +47,16 @@ def _train(args: argparse.Namespace) -> int:
             print(f"jbackprop train: --resume {args.resume}: {e}", file=sys.stderr)
             return 2
         cfg, out = Config(**saved), args.resume
+        if args.devices is not None:  # placement only: the same steps on other devices
+            cfg = dataclasses.replace(cfg, devices=args.devices)
         print(f"resuming {out} at its saved configuration: {saved}")
     else:
         noise = args.input_noise if args.input_noise is not None else (0.6 if args.dataset == "digits" else 0.0)
         cfg = Config(model=args.model, dataset=args.dataset, optimizer=args.optimizer, lr=args.lr,
                      batch_size=args.batch_size, epochs=args.epochs, seed=args.seed,
                      backward=args.backward, width=args.width, depth=args.depth,
-                     weight_decay=args.weight_decay, input_noise=noise)
+                     weight_decay=args.weight_decay, input_noise=noise,
+                     devices=1 if args.devices is None else args.devices)
         name = os.path.splitext(os.path.basename(args.dataset))[0]
         out = args.out or os.path.join("runs", f"{args.model}-{name}")
     try:
@@ -109,6 +112,9 @@ def main(argv=None) -> int:
     t.add_argument("--out", metavar="DIR", help="output folder (default runs/MODEL-DATASET)")
     t.add_argument("--resume", metavar="DIR", help="continue the run saved in DIR")
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
+    t.add_argument("--devices", type=int, default=None, metavar="N",
+                   help="data parallel over N devices (default 1; --batch-size must be a "
+                        "multiple of N; on CPU set XLA_FLAGS=--xla_force_host_platform_device_count=N)")
     t.set_defaults(run=_train)
     args = parser.parse_args(argv)
     return args.run(args)

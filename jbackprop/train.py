@@ -4,7 +4,8 @@
   modules: ``jax.grad`` runs the hand-written rules) or ``"autodiff"`` (the pure-jnp reference
   of the same mathematics, differentiated by JAX).
 * ``train_epoch``: Algorithm 2 — one epoch of mini-batch SGD sampling without replacement
-  (a ``jax.random`` permutation per epoch), run as one ``lax.scan`` of jit-compiled steps.
+  (a ``jax.random`` permutation per epoch), run as one ``lax.scan`` of jit-compiled steps
+  (``train_step``); ``distributed.py`` runs both data-parallel over several devices.
 * ``algorithm1``: Algorithm 1 — plain SGD on one random example per step.
 * ``per_example_grads``: ``jax.vmap`` of the gradient, with optional per-example clipping (DP-SGD).
 * ``fit``: the loop behind ``jbackprop train`` (``trainer.py``: checkpoints, metrics, curves).
@@ -38,6 +39,7 @@ class Config:
     weight_decay: float = 1e-4
     input_noise: float = 0.6        # std of Gaussian noise added to training inputs
     schedule: str = "cosine"        # cosine | constant
+    devices: int = 1                # data parallel over this many devices (distributed.py)
 
 
 class TrainState(NamedTuple):
@@ -90,26 +92,36 @@ def make_optimizer(cfg: Config, steps: int) -> optax.GradientTransformation:
     return optax.chain(optax.add_decayed_weights(cfg.weight_decay), opt) if cfg.weight_decay else opt
 
 
+def train_step(loss: Callable, opt: optax.GradientTransformation, params: Any, opt_state: Any,
+               xb: jax.Array, yb: jax.Array) -> tuple[Any, Any, jax.Array]:
+    """One step on the mini-batch ``(xb, yb)``: the loss, its gradient (``jax.grad``: the
+    hand-written backwards) and the optax update. Returns ``(params, opt_state, loss)``."""
+    value, grads = jax.value_and_grad(loss)(params, xb, yb)
+    updates, opt_state = opt.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state, value
+
+
 def train_epoch(loss: Callable, opt: optax.GradientTransformation, state: TrainState,
                 x: jax.Array, y: jax.Array, key: jax.Array, batch_size: int,
-                input_noise: float = 0.0) -> tuple[TrainState, jax.Array]:
+                input_noise: float = 0.0, batch_sharding: Any = None) -> tuple[TrainState, jax.Array]:
     """Algorithm 2: a permutation of the training set, then one step per mini-batch of
     ``batch_size`` examples (the last ``n mod batch_size`` of the permutation wait for the next
     epoch). Returns the new state and the loss of every step. Jit it with static
-    ``loss, opt, batch_size, input_noise``."""
+    ``loss, opt, batch_size, input_noise``. ``batch_sharding`` (a ``jax.sharding.Sharding``)
+    constrains each mini-batch to it: data parallelism, see ``distributed.py``."""
     n = (x.shape[0] // batch_size) * batch_size
     k_perm, k_noise = jax.random.split(key)
     batches = jax.random.permutation(k_perm, x.shape[0])[:n].reshape(-1, batch_size)
 
     def step(carry, inputs):
-        params, opt_state = carry
         idx, i = inputs
-        xb = x[idx]
+        xb, yb = x[idx], y[idx]
+        if batch_sharding is not None:
+            xb, yb = jax.lax.with_sharding_constraint((xb, yb), batch_sharding)
         if input_noise:
             xb = xb + input_noise * jax.random.normal(jax.random.fold_in(k_noise, i), xb.shape, xb.dtype)
-        value, grads = jax.value_and_grad(loss)(params, xb, y[idx])
-        updates, opt_state = opt.update(grads, opt_state, params)
-        return (optax.apply_updates(params, updates), opt_state), value
+        params, opt_state, value = train_step(loss, opt, *carry, xb, yb)
+        return (params, opt_state), value
 
     (params, opt_state), losses = jax.lax.scan(
         step, (state.params, state.opt_state), (batches, jnp.arange(batches.shape[0])))

@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jbackprop import data as datasets
+from jbackprop import data as datasets, distributed
 from jbackprop.train import (Config, TrainState, evaluate, make_loss, make_model, make_optimizer,
                              train_epoch)
 
@@ -51,6 +51,7 @@ def fit(cfg: Config, out_dir: str, resume: bool = False, progress: bool = True) 
     and re-raises ``KeyboardInterrupt`` after saving one.
     """
     start = time.perf_counter()
+    mesh = _mesh(cfg) if cfg.devices != 1 else None  # refused before anything is written
     os.makedirs(out_dir, exist_ok=True)
     ckpt = os.path.join(out_dir, CHECKPOINT)
     ds = datasets.load(cfg.dataset)
@@ -64,6 +65,9 @@ def fit(cfg: Config, out_dir: str, resume: bool = False, progress: bool = True) 
     k_init, key = jax.random.split(jax.random.PRNGKey(cfg.seed))
     if resume:
         state, history, saved = load_checkpoint(ckpt)
+        # fields missing from an older checkpoint take their defaults; ``devices`` places the
+        # same computation, so a run may resume on another number of devices
+        saved = dataclasses.asdict(dataclasses.replace(Config(**saved), devices=cfg.devices))
         if saved != dataclasses.asdict(cfg):
             diff = {k: (saved.get(k), v) for k, v in dataclasses.asdict(cfg).items() if saved.get(k) != v}
             raise ValueError(f"--resume: the checkpoint in {out_dir} was written with another "
@@ -71,7 +75,12 @@ def fit(cfg: Config, out_dir: str, resume: bool = False, progress: bool = True) 
     else:
         params = init(k_init)
         state, history = TrainState(params, opt.init(params), jnp.zeros((), jnp.int32)), []
-    epoch_fn = jax.jit(lambda s, k: train_epoch(loss, opt, s, x, y, k, cfg.batch_size, cfg.input_noise))
+    if mesh is None:
+        epoch_fn = jax.jit(lambda s, k: train_epoch(loss, opt, s, x, y, k, cfg.batch_size, cfg.input_noise))
+    else:  # data parallel: the batch split over the devices, the rest replicated
+        state, x, y = distributed.replicate((state, x, y), mesh)
+        dp_epoch = distributed.data_parallel_epoch(loss, opt, mesh, cfg.batch_size, cfg.input_noise)
+        epoch_fn = lambda s, k: dp_epoch(s, x, y, k)
     eval_fn = jax.jit(lambda p, xs, ys: evaluate(apply, p, xs, ys, ds.task, cfg.backward))
     metric = "accuracy" if ds.task == "classification" else "rmse"
     bar = _progress(cfg.epochs, int(state.epoch), progress)
@@ -108,11 +117,19 @@ def fit(cfg: Config, out_dir: str, resume: bool = False, progress: bool = True) 
     metrics = {"config": dataclasses.asdict(cfg), "dataset": ds.name, "task": ds.task,
                "metric": metric, "epochs": history,
                "final": {k: v for k, v in history[-1].items() if k != "epoch"} if history else {},
-               "seconds_total": time.perf_counter() - start, "device": jax.devices()[0].device_kind}
+               "seconds_total": time.perf_counter() - start, "device": jax.devices()[0].device_kind,
+               "devices": cfg.devices}
     with open(os.path.join(out_dir, "metrics.json"), "w") as f:
         json.dump(metrics, f, indent=1)
     _plot(history, metric, os.path.join(out_dir, "curves.png"), f"{cfg.model} on {ds.name}")
     return metrics
+
+
+def _mesh(cfg: Config):
+    """The data-parallel mesh of ``cfg.devices``, after checking that the batch splits evenly."""
+    mesh = distributed.make_mesh(cfg.devices)
+    distributed.check_batch_size(cfg.batch_size, mesh)
+    return mesh
 
 
 def _progress(total: int, done: int, enabled: bool):
