@@ -1,9 +1,9 @@
 """Element-wise activations (notes 7.24–7.28 and the lecture slides).
 
 Every activation has ``B[σ, z](v) = σ'(z) ⊙ v`` (7.69): the Jacobian is diagonal, so the
-backward is a Hadamard product and no Jacobian is formed. Each accepts any shape. Where
-``σ'`` can be written in terms of the output, the residual is the output (which the next layer
-keeps anyway); otherwise it is the input ``z``.
+backward is a Hadamard product and no Jacobian is formed. Each accepts any shape. ReLU saves
+the mask ``z > 0`` (one byte per element); where ``σ'`` can be written in terms of the output,
+the residual is the output (which a following MM keeps anyway); otherwise it is the input ``z``.
 """
 from __future__ import annotations
 
@@ -28,12 +28,11 @@ def _relu(z):
 
 
 def _relu_fwd(z):
-    u = _relu(z)
-    return u, u                                       # residual: u (u > 0 ⟺ z > 0)
+    return _relu(z), z > 0                            # residual: the mask 1{z > 0} (bool)
 
 
-def _relu_bwd(u, v):
-    return (jnp.where(u > 0, v, jnp.zeros_like(v)),)  # 1{z > 0} ⊙ v
+def _relu_bwd(mask, v):
+    return (jnp.where(mask, v, jnp.zeros_like(v)),)   # 1{z > 0} ⊙ v
 
 
 _relu.defvjp(_relu_fwd, _relu_bwd)
@@ -41,7 +40,8 @@ _relu.defvjp(_relu_fwd, _relu_bwd)
 
 @module(_relu)
 def relu(z):
-    """ReLU ``max(z, 0)``; backward ``1{z > 0} ⊙ v``. Residual: the output. Any shape."""
+    """ReLU ``max(z, 0)``; backward ``1{z > 0} ⊙ v``. Residual: the mask ``z > 0`` (bool, one
+    byte per element). Any shape."""
     return _z(z)
 
 
@@ -125,11 +125,16 @@ def leaky_relu(z, gamma=0.01):
 _GELU_C, _GELU_A = math.sqrt(2 / math.pi), 0.044715
 
 
+def _cdf(z):
+    """Φ(z) = ½ erfc(−z/√2): to full relative precision also for z ≪ 0, where 1 + erf cancels."""
+    return 0.5 * jax.lax.erfc(-z / math.sqrt(2))
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnames=("approximate",))
 def _gelu(z, approximate):
     if approximate:
         return 0.5 * z * (1 + jnp.tanh(_GELU_C * (z + _GELU_A * z ** 3)))
-    return 0.5 * z * (1 + jax.lax.erf(z / math.sqrt(2)))
+    return z * _cdf(z)
 
 
 def _gelu_fwd(z, approximate):
@@ -143,8 +148,7 @@ def _gelu_bwd(approximate, z, v):
         slope = 0.5 * z * (1 - t * t) * _GELU_C * (1 + 3 * _GELU_A * z * z)
         d = 0.5 * (1 + t) + jnp.where(t * t < 1, slope, 0)
     else:            # Φ(z) + z φ(z)
-        cdf = 0.5 * (1 + jax.lax.erf(z / math.sqrt(2)))
-        d = cdf + z * jnp.exp(-0.5 * z * z) / math.sqrt(2 * math.pi)
+        d = _cdf(z) + z * jnp.exp(-0.5 * z * z) / math.sqrt(2 * math.pi)
     return (d * v,)
 
 
@@ -211,3 +215,25 @@ def elu(z, alpha=1.0):
     """ELU ``z`` if ``z ≥ 0`` else ``α(e^z − 1)``, ``α ≥ 0`` static; backward
     ``(1 if z ≥ 0 else α e^z) ⊙ v``. Residual: ``z``."""
     return {**_z(z), "alpha": _checks.static_number(alpha, "alpha", low=0)}
+
+
+# --- the backward from the output, for composite modules --------------------------------------
+def backward_from_output(activation) -> "Callable[[jax.Array, jax.Array], jax.Array] | None":
+    """``(u, v) -> B[σ, z](v)`` written with the output ``u = σ(z)``, or ``None``.
+
+    For ReLU (``1{u > 0} v``), leaky ReLU (``γ > 0``), sigmoid (``u(1 − u) v``) and tanh
+    (``(1 − u²) v``) the derivative is a function of the output. A composite module whose next
+    step keeps ``u`` anyway (the residual block: MM2 saves its input ``h1 = σ(a1)``) then needs
+    no residual for σ at all. ``activation`` is the module or a ``functools.partial`` of it.
+    """
+    fn, kw = (activation.func, activation.keywords) if isinstance(activation, functools.partial) \
+        else (activation, {})
+    if fn is relu:
+        return lambda u, v: _leaky_relu_bwd(0.0, u, v)[0]
+    if fn is leaky_relu:
+        return lambda u, v: _leaky_relu_bwd(kw.get("gamma", 0.01), u, v)[0]
+    if fn is sigmoid:
+        return lambda u, v: _sigmoid_bwd(u, v)[0]
+    if fn is tanh:
+        return lambda u, v: _tanh_bwd(u, v)[0]
+    return None

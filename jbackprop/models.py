@@ -14,10 +14,11 @@ from typing import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
+from jax import tree_util
 
 from jbackprop import _checks, combinators as cb
 from jbackprop._module import module
-from jbackprop.activations import relu
+from jbackprop.activations import backward_from_output, relu
 from jbackprop.linear import mm
 
 
@@ -41,8 +42,11 @@ def _residual(params, z, activation):
 def _residual_fwd(params, z, activation):
     sigma = _vjp_of(activation)
     a1, mm1_back = mm.vjp(params["mm1"], z)           # each pullback holds its own residuals:
-    h1, sigma1_back = sigma(a1)                       # MM1: W1, z;  σ: its output (or input)
+    h1, sigma1_back = sigma(a1)                       # MM1: W1, z;  σ: its mask or input
     a2, mm2_back = mm.vjp(params["mm2"], h1)          # MM2: W2, h1
+    from_output = backward_from_output(activation)
+    if from_output is not None:                       # σ'(a1) from h1, which MM2 keeps: the
+        sigma1_back = tree_util.Partial(lambda h1, v: (from_output(h1, v),), h1)  # σ keeps none
     h2, sigma2_back = sigma(a2)
     return z + h2, (mm1_back, sigma1_back, mm2_back, sigma2_back)
 
@@ -64,7 +68,9 @@ def residual(params, z, activation=relu):
     """Residual block ``z + σ(MM2(σ(MM1(z))))`` with ``B[Res, z](v) = v + B[inner, z](v)``.
 
     The backward is the chain of the parts' hand-written backwards (Algorithm 3 in small).
-    Residuals: those of MM1, σ, MM2, σ (``W1, z, σ(a1), W2, h1, σ(a2)``).
+    Residuals: those of MM1, MM2 and the second σ (``W1, z, W2, h1``, and for ReLU the mask
+    ``a2 > 0``). The first σ keeps none when its derivative is a function of its output
+    (ReLU, leaky ReLU, sigmoid, tanh): it reads ``h1 = σ(a1)``, which MM2 keeps anyway.
 
     Args:
       params: ``{"mm1": {"W": (m, m), "b": (m,)}, "mm2": {"W": (m, m), "b": (m,)}}``.
@@ -89,8 +95,9 @@ def mlp_init(key: jax.Array, sizes: Sequence[int], dtype=jnp.float32) -> list[di
 
     The parameter count is ``(d+1)m1 + (m1+1)m2 + … + (m_{r−1}+1)m_r``.
     """
-    if len(sizes) < 2:
-        raise ValueError(f"mlp_init: sizes needs at least an input and an output width, got {sizes}")
+    if len(sizes) < 2 or any(int(n) != n or n < 1 for n in sizes):
+        raise ValueError(f"mlp_init: sizes must be at least an input and an output width, each an "
+                         f"integer ≥ 1, got {sizes}")
     keys = jax.random.split(key, len(sizes) - 1)
     return [cb.Dense(n, dtype=dtype).init(k, (m,)) for k, m, n in zip(keys, sizes[:-1], sizes[1:])]
 
@@ -115,8 +122,9 @@ def _blocks_init(key, width, depth, dtype):
 
 def resnet_s_init(key, in_dim: int, width: int, depth: int, out_dim: int, dtype=jnp.float32):
     """``{"proj": MM (width, in_dim) [only if in_dim ≠ width], "blocks": stacked, "head": MM}``."""
-    if depth < 1:
-        raise ValueError(f"resnet_s_init: depth must be ≥ 1, got {depth}")
+    for name, n in (("in_dim", in_dim), ("width", width), ("depth", depth), ("out_dim", out_dim)):
+        if int(n) != n or n < 1:
+            raise ValueError(f"resnet_s_init: {name} must be an integer ≥ 1, got {n}")
     kp, kb, kh = jax.random.split(key, 3)
     params = {"blocks": _blocks_init(kb, width, depth, dtype),
               "head": cb.Dense(out_dim, dtype=dtype).init(kh, (width,))}

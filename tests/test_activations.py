@@ -96,3 +96,18 @@ def test_low_precision(fn, reference, kw):
 def test_bad_input(call, exc, match):
     with pytest.raises(exc, match=match):
         call()
+
+
+@pytest.mark.parametrize("fn, reference, kw", CASES, ids=IDS)
+def test_backward_from_output(fn, reference, kw):
+    """Where σ' is a function of σ, ``backward_from_output(σ)(σ(z), v)`` is autodiff's
+    ``(∂σ/∂z)ᵀ v`` of the reference; otherwise (GELU, softplus, ELU) there is none."""
+    import functools
+    from jbackprop.activations import backward_from_output
+    back = backward_from_output(functools.partial(fn, **kw) if kw else fn)
+    if fn in (jb.gelu, jb.softplus, jb.elu):
+        assert back is None
+        return
+    v = jnp.array([[0.3, -1.2, 2.0], [1.5, 0.7, -0.4]])
+    expected = jax.vjp(lambda z: reference(z, **kw), Z)[1](v)[0]
+    assert_close(back(reference(Z, **kw), v), expected, 1e-12)

@@ -17,8 +17,9 @@ def _res_params(m=5, seed=0):
 
 
 @pytest.mark.parametrize("activation, reference", [
-    (jb.relu, ref.relu), (jb.tanh, ref.tanh),
-    (functools.partial(jb.leaky_relu, gamma=0.2), functools.partial(ref.leaky_relu, gamma=0.2))])
+    (jb.relu, ref.relu), (jb.tanh, ref.tanh), (jb.sigmoid, ref.sigmoid),
+    (functools.partial(jb.leaky_relu, gamma=0.2), functools.partial(ref.leaky_relu, gamma=0.2)),
+    (jb.gelu, ref.gelu)])   # the first σ's backward from h1 (all but GELU), or its own residual
 def test_residual_against_reference(activation, reference):
     z = jnp.array([0.3, -1.2, 0.8, 2.0, -0.4])
     p = _res_params()
