@@ -6,10 +6,17 @@ batched``: the modules called on the batch instead of vmapped) is jit-compiled t
 the training step (forward, backward, optax Adam update), the forward alone (the mean loss) and
 forward + backward (``value_and_grad``) — and all of them are timed **interleaved** (one call
 of each per round, after warm-up) so that the machine's drift hits every version alike; the
-report gives medians. Compile time is ``lower`` + ``compile`` of the step; temporary memory is
-``temp_size_in_bytes`` of the compiled step's ``memory_analysis()``. A GEMM probe (a large
+report gives medians. The optional columns (PyTorch, Equinox, from ``bench_external``) are
+interleaved among themselves, after the JAX versions: PyTorch's OpenMP threads keep spinning
+after each call and would slow whatever runs next.
+
+Compile time is ``lower`` + ``compile`` of the step. Memory is ``temp_size_in_bytes`` of the
+compiled executables' ``memory_analysis()``: ``temp_bytes`` of forward + backward (the
+activations and residuals the backward keeps: the comparison that matters) and
+``step_temp_bytes`` of the whole step (on the CPU, XLA parks activations in the buffers of
+the updated parameters, so the step's temporary memory can read as zero). A GEMM probe (a large
 ``a @ b``) gives this machine's matrix-multiply rate, so that step throughput can be read as a
-fraction of it. Optional columns (PyTorch, Equinox) come from ``bench_external``.
+fraction of it.
 """
 from __future__ import annotations
 
@@ -80,6 +87,21 @@ def gemm_probe(n: int = 2048, budget_s: float = 3.0) -> dict:
     return {"n": n, "dtype": "float32", "ms": 1e3 * seconds, "gflops": 2 * n ** 3 / seconds / 1e9}
 
 
+def mlp_matmuls(sizes, batch: int) -> Callable[[], Any]:
+    """Only the matrix multiplies of an MLP training step, at its shapes: per layer ``X Wᵀ``
+    (forward), ``V W`` (B[MM, z]) and ``Vᵀ X`` (B[MM, W]). Their time is the floor that no
+    backward, hand-written or not, can go under; it shows how much of a GEMM probe's rate these
+    shapes can reach at all."""
+    keys = iter(jax.random.split(jax.random.PRNGKey(0), 3 * len(sizes)))
+    normal = lambda shape: jax.random.normal(next(keys), shape, jnp.float32)
+    xs = [normal((batch, m)) for m in sizes[:-1]]
+    vs = [normal((batch, n)) for n in sizes[1:]]
+    ws = [normal((n, m)) for m, n in zip(sizes[:-1], sizes[1:])]
+    f, _, _ = compile_timed(lambda xs, vs, ws: [(x @ w.T, v @ w, v.T @ x)
+                                                for x, v, w in zip(xs, vs, ws)], xs, vs, ws)
+    return lambda: f(xs, vs, ws)
+
+
 def _max_rel_diff(a, b) -> float:
     """max |a − b| / max |b| over all leaves: the two versions compute the same gradient."""
     num = max(float(jnp.max(jnp.abs(x - y))) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
@@ -97,22 +119,28 @@ def run_config(config: bench_models.Config, quick: bool, budget_s: float,
                          "matmul_flops": problem.matmul_flops, "versions": {}}
     grads = {}
     for version, loss in problem.losses.items():
-        step, compile_s, temp = compile_timed(train_step(loss, opt), *args)
+        step, compile_s, step_temp = compile_timed(train_step(loss, opt), *args)
         fwd, _, _ = compile_timed(loss, *args[:1], *args[2:])
-        grad, _, _ = compile_timed(jax.value_and_grad(loss), *args[:1], *args[2:])
+        grad, _, temp = compile_timed(jax.value_and_grad(loss), *args[:1], *args[2:])
         grads[version] = grad(problem.params, problem.x, problem.y)[1]
         calls[(version, "step")] = lambda step=step: step(*args)
         calls[(version, "fwd")] = lambda fwd=fwd: fwd(problem.params, problem.x, problem.y)
         calls[(version, "grad")] = lambda grad=grad: grad(problem.params, problem.x, problem.y)
-        record["versions"][version] = {"compile_s": compile_s, "temp_bytes": temp}
+        record["versions"][version] = {"compile_s": compile_s, "temp_bytes": temp,
+                                       "step_temp_bytes": step_temp}
     for version in grads:
         record["versions"][version]["grad_rel_diff_vs_autodiff"] = \
             _max_rel_diff(grads[version], grads["autodiff"])
-    if external:
-        for name, step in bench_external.steps(problem.spec, problem.x, problem.y).items():
-            calls[(name, "step")] = step
-            record["versions"][name] = {}
+    if problem.spec["kind"] == "mlp":
+        calls[("matmuls only", "step")] = mlp_matmuls(problem.spec["sizes"], problem.spec["batch"])
     medians = interleaved_medians(calls, budget_s)
+    if ("matmuls only", "step") in medians:
+        record["matmuls_only_ms"] = 1e3 * medians.pop(("matmuls only", "step"))
+    if external:   # timed apart: PyTorch's spinning OpenMP threads would slow the JAX calls
+        steps = bench_external.steps(problem.spec, problem.x, problem.y)
+        for name, seconds in interleaved_medians(steps, budget_s).items() if steps else ():
+            medians[(name, "step")] = seconds
+            record["versions"][name] = {}
     for (version, what), seconds in medians.items():
         record["versions"][version][f"{what}_ms"] = 1e3 * seconds
     for v in record["versions"].values():
@@ -179,6 +207,9 @@ def targets(result: dict) -> list[dict]:
             r["fraction_of_gemm"] = frac
             out.append({"target": "mlp-large: step FLOP rate / GEMM probe", "value": frac,
                         "limit": 0.85, "ok": frac >= 0.85})
+            if "matmuls_only_ms" in r:   # the same FLOPs as bare GEMMs: the reachable ceiling
+                r["matmuls_only_fraction_of_gemm"] = frac * r["versions"]["manual"]["step_ms"] \
+                    / r["matmuls_only_ms"]
         if "step_manual_over_torch.compile" in q and r["name"] == "mlp-large":
             add("mlp-large: step manual/torch.compile", q["step_manual_over_torch.compile"], 1.0)
     for d, s in result.get("compile_vs_depth", {}).items():
@@ -222,6 +253,12 @@ def format_table(result: dict) -> str:
            "step = forward + backward + Adam update, jit; medians of interleaved runs", "",
            line(head), line(["-" * w for w in widths])]
     out += [line(row) for row in rows]
+    for r in result["configs"]:
+        if "matmuls_only_ms" in r:
+            out.append(f"{r['name']}: its matrix multiplies alone take {r['matmuls_only_ms']:.2f} ms"
+                       f" ({100 * r['matmul_flops'] / r['matmuls_only_ms'] / 1e6 / result['gemm']['gflops']:.0f} %"
+                       f" of the GEMM probe's rate); the manual step "
+                       f"{r['versions']['manual']['step_ms']:.2f} ms")
     if result.get("compile_vs_depth"):
         out.append("\nResNet-S trace+compile of jit(grad): " + ", ".join(
             f"depth {d}: {s:.2f} s" for d, s in result["compile_vs_depth"].items()))
