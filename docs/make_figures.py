@@ -112,7 +112,7 @@ def mlp_dataflow(path):
     d = r"\partial J/\partial "
     xs = _modules(ax, [
         (r"\mathrm{MM}_1", r"$W^{[1]}, x$", "x", d + "x", r"B[\mathrm{MM}_1, z](v)"),
-        (r"\sigma", r"$a^{[1]}$", "z^{[1]}", d + "z^{[1]}", r"B[\sigma, z](v)"),
+        (r"\sigma", r"$1\{z^{[1]} > 0\}$", "z^{[1]}", d + "z^{[1]}", r"B[\sigma, z](v)"),
         (r"\mathrm{MM}_2", r"$W^{[2]}, a^{[1]}$", "a^{[1]}", d + "a^{[1]}",
          r"B[\mathrm{MM}_2, z](v)"),
         (r"\ell(\cdot, y)", r"softmax$(t)$, $y$", "t = z^{[2]}", d + "t", r"B[\ell, t](v)"),
@@ -135,9 +135,9 @@ def residual_dataflow(path):
     xs = _modules(ax, [
         (r"\mathrm{MM}_1", r"$W_1, z$", "z", r"B[\mathrm{inner}, z](v)",
          r"B[\mathrm{MM}_1, z](\bar a_1)"),
-        (r"\sigma", r"$h_1$", "a_1", r"\bar a_1", r"B[\sigma, z](\bar h_1)"),
+        (r"\sigma", r"none (uses $h_1$)", "a_1", r"\bar a_1", r"B[\sigma, z](\bar h_1)"),
         (r"\mathrm{MM}_2", r"$W_2, h_1$", "h_1", r"\bar h_1", r"B[\mathrm{MM}_2, z](\bar a_2)"),
-        (r"\sigma", r"$h_2$", "a_2", r"\bar a_2", r"B[\sigma, z](v)"),
+        (r"\sigma", r"$1\{a_2 > 0\}$", "a_2", r"\bar a_2", r"B[\sigma, z](v)"),
     ], split, plus - 0.3, (r"$h_2$", r"$v$"))
     for k, x in ((1, xs[0]), (2, xs[2])):
         _param_gradient(ax, x, rf"$\bar W_{k}, \bar b_{k}$" + "\n"
