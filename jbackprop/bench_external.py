@@ -78,7 +78,7 @@ def _torch_steps(spec: dict, x: np.ndarray, y: np.ndarray) -> dict[str, Callable
     import torch.nn.functional as F
 
     torch.set_num_threads(os.cpu_count() or 1)
-    xt, yt = torch.from_numpy(np.ascontiguousarray(x)), torch.from_numpy(y.astype(np.int64))
+    xt, yt = torch.from_numpy(np.array(x, np.float32)), torch.from_numpy(y.astype(np.int64))
     out = {}
     for name, compiled in (("torch eager", False), ("torch.compile", True)):
         torch.manual_seed(0)

@@ -160,10 +160,15 @@ def logistic_loss(t, y):
 
 # --- cross-entropy: ℓ = logsumexp(t) − t_y, computed on s = t − max(t) -----------------------
 def _shifted(t):
-    """``s = t − max(t)`` and ``log Σ e^s`` (in at least float32): nothing exceeds 0 in exp."""
+    """``s = t − max(t)``, ``e^s`` and ``Σ e^s`` (in at least float32): nothing exceeds 0 in exp.
+
+    One exponential per logit serves both the loss (``log Σ e^s``) and the residual
+    (``softmax = e^s / Σ e^s``).
+    """
     tc = t.astype(_compute_dtype(t.dtype))
     s = tc - jnp.max(tc, axis=-1, keepdims=True)
-    return s, jnp.log(jnp.sum(jnp.exp(s), axis=-1))
+    e = jnp.exp(s)
+    return s, e, jnp.sum(e, axis=-1)
 
 
 def _valid(y, k):
@@ -173,15 +178,16 @@ def _valid(y, k):
 @jax.custom_vjp
 def _cross_entropy(t, y):
     k = t.shape[-1]
-    s, lse = _shifted(t)
+    s, _, total = _shifted(t)
+    lse = jnp.log(total)
     s_y = jnp.take_along_axis(s, jnp.clip(y, 0, k - 1)[..., None], axis=-1)[..., 0]
     loss = jnp.where(_valid(y, k), lse - s_y, jnp.nan)      # (lse of s) − s_y: no cancellation
     return loss.astype(t.dtype)
 
 
 def _cross_entropy_fwd(t, y):
-    s, lse = _shifted(t)                                     # as in the core: XLA CSEs them
-    p = jnp.exp(s - lse[..., None])                          # softmax(t)
+    _, e, total = _shifted(t)                                # as in the core: XLA CSEs them
+    p = e / total[..., None]                                 # softmax(t) = e^s / Σ e^s
     return _cross_entropy(t, y), (p.astype(t.dtype), y)      # residuals: softmax(t) and y
 
 
