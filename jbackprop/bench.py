@@ -34,8 +34,9 @@ import numpy as np
 import optax
 
 import jbackprop as jb
-from jbackprop import bench_external, bench_models
+from jbackprop import bench_external, bench_models, bench_report
 from jbackprop.bench_models import Problem
+from jbackprop.bench_report import ratios
 
 
 def train_step(loss: Callable, opt: optax.GradientTransformation) -> Callable:
@@ -160,20 +161,6 @@ def run_config(config: bench_models.Config, quick: bool, budget_s: float,
     return record
 
 
-def ratios(record: dict) -> dict:
-    """Step-time and memory ratios of a configuration's record (manual over autodiff, …)."""
-    v = record["versions"]
-    out = {"step_manual_over_autodiff": v["manual"]["step_ms"] / v["autodiff"]["step_ms"]}
-    if v["manual"]["temp_bytes"] is not None and v["autodiff"]["temp_bytes"]:
-        out["temp_manual_over_autodiff"] = v["manual"]["temp_bytes"] / v["autodiff"]["temp_bytes"]
-    if "manual, batched" in v:
-        out["step_vmap_over_batched"] = v["manual"]["step_ms"] / v["manual, batched"]["step_ms"]
-    for name in v:
-        if name not in bench_models.LIBS and name != "manual, batched" and "step_ms" in v[name]:
-            out[f"step_manual_over_{name}"] = v["manual"]["step_ms"] / v[name]["step_ms"]
-    return out
-
-
 def compile_vs_depth(depths=(8, 1024), width: int = 64, batch: int = 32,
                      repeats: int = 3) -> dict[int, float]:
     """Median seconds to trace and compile ``jit(grad)`` of a vmapped ResNet-S at each depth."""
@@ -186,11 +173,22 @@ def compile_vs_depth(depths=(8, 1024), width: int = 64, batch: int = 32,
     return {d: statistics.median(seconds(d) for _ in range(repeats)) for d in depths}
 
 
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def machine() -> dict:
     device = jax.devices()[0]
     return {"date": datetime.date.today().isoformat(), "platform": device.platform,
             "device": device.device_kind, "devices": jax.device_count(),
-            "cpu_count": os.cpu_count(), "processor": platform.processor() or platform.machine(),
+            "cpu_count": os.cpu_count(), "processor": _cpu_name(),
             "python": platform.python_version(), "jax": jax.__version__,
             "external": bench_external.available()}
 
@@ -232,88 +230,6 @@ def targets(result: dict) -> list[dict]:
     return out
 
 
-def _mb(b):
-    return "—" if b is None else f"{b / 2 ** 20:.1f}"
-
-
-def format_table(result: dict) -> str:
-    """The report as a plain-text table: one row per configuration, then the targets."""
-    head = ("config", "manual ms", "autodiff ms", "ratio", "batched ms", "vmap/batch",
-            "bwd/fwd man.", "bwd/fwd auto.", "compile s m/a", "temp MB m/a", "MB moved m/a",
-            "|Δg| rel")
-    rows = []
-    for r in result["configs"]:
-        v, q = r["versions"], ratios(r)
-        m, a, b = v["manual"], v["autodiff"], v.get("manual, batched")
-        rows.append((r["name"], f"{m['step_ms']:.2f}", f"{a['step_ms']:.2f}",
-                     f"{q['step_manual_over_autodiff']:.2f}",
-                     f"{b['step_ms']:.2f}" if b else "—",
-                     f"{q['step_vmap_over_batched']:.2f}" if b else "—",
-                     f"{m['bwd_over_fwd']:.2f}", f"{a['bwd_over_fwd']:.2f}",
-                     f"{m['compile_s']:.2f}/{a['compile_s']:.2f}",
-                     f"{_mb(m['temp_bytes'])}/{_mb(a['temp_bytes'])}",
-                     f"{_mb(m['bytes_accessed'])}/{_mb(a['bytes_accessed'])}",
-                     f"{m['grad_rel_diff_vs_autodiff']:.0e}"))
-    extra = sorted({k for r in result["configs"] for k in r["versions"]} - set(bench_models.LIBS)
-                   - {"manual, batched"})
-    if extra:
-        head = head + tuple(f"{k} ms" for k in extra)
-        rows = [row + tuple(f"{r['versions'][k]['step_ms']:.2f}" if k in r["versions"] else "—"
-                            for k in extra) for row, r in zip(rows, result["configs"])]
-    widths = [max(len(str(x)) for x in col) for col in zip(head, *rows)]
-    line = lambda cells: "  ".join(str(c).rjust(w) if i else str(c).ljust(w)
-                                   for i, (c, w) in enumerate(zip(cells, widths)))
-    m = result["machine"]
-    out = [f"{m['device']} ({m['platform']}, {m['cpu_count']} cores), jax {m['jax']}, {m['date']}; "
-           f"GEMM probe {result['gemm']['n']}² float32: {result['gemm']['gflops']:.1f} GFLOP/s",
-           "step = forward + backward + Adam update, jit; medians of interleaved runs; temp and "
-           "MB moved (XLA's bytes accessed) are of forward + backward", "",
-           line(head), line(["-" * w for w in widths])]
-    out += [line(row) for row in rows]
-    for r in result["configs"]:
-        if "matmuls_only_ms" in r:
-            out.append(f"{r['name']}: its matrix multiplies alone take {r['matmuls_only_ms']:.2f} ms"
-                       f" ({100 * r['matmul_flops'] / r['matmuls_only_ms'] / 1e6 / result['gemm']['gflops']:.0f} %"
-                       f" of the GEMM probe's rate); the manual step "
-                       f"{r['versions']['manual']['step_ms']:.2f} ms")
-    if result.get("compile_vs_depth"):
-        out.append("\nResNet-S trace+compile of jit(grad): " + ", ".join(
-            f"depth {d}: {s:.2f} s" for d, s in result["compile_vs_depth"].items()))
-    out.append("\ntargets:")
-    for t in result["targets"]:
-        sign = "≥" if "GEMM" in t["target"] else "≤"
-        out.append(f"  {'ok  ' if t['ok'] else 'MISS'} {t['target']}: {t['value']:.3f} "
-                   f"(target {sign} {t['limit']})")
-    return "\n".join(out)
-
-
-def plot(result: dict, path: str) -> None:
-    """Bar chart of step time relative to ``jax.grad`` (autodiff = 1) for every version."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    names = [r["name"] for r in result["configs"]]
-    versions = [k for k in ("manual", "manual, batched", "torch eager", "torch.compile",
-                            "equinox") if any(k in r["versions"] for r in result["configs"])]
-    fig, ax = plt.subplots(figsize=(10, 4.2))
-    width = 0.8 / len(versions)
-    for i, k in enumerate(versions):
-        vals = [r["versions"][k]["step_ms"] / r["versions"]["autodiff"]["step_ms"]
-                if k in r["versions"] else np.nan for r in result["configs"]]
-        ax.bar(np.arange(len(names)) + (i - (len(versions) - 1) / 2) * width, vals, width, label=k)
-    ax.axhline(1.0, color="k", lw=1, ls="--", label="jax.grad of the reference")
-    ax.set_xticks(np.arange(len(names)), names)
-    ax.set_ylabel("step time / autodiff step time")
-    m = result["machine"]
-    ax.set_title(f"Training step time relative to jax.grad (lower is faster) — {m['device']}, "
-                 f"{m['cpu_count']} cores, {m['date']}", fontsize=10)
-    ax.legend(fontsize=8, ncol=3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
 def run(names=None, quick=False, budget_s=4.0, external=True, depths=(8, 1024),
         progress: Callable[[str], None] = print) -> dict:
     """Run the suite; returns the result dict (machine, GEMM probe, configs, targets)."""
@@ -337,11 +253,15 @@ def main(args) -> int:
     budget = args.budget if args.budget is not None else (0.3 if args.quick else 4.0)
     result = run(args.config, args.quick, budget, not args.no_external, depths,
                  progress=lambda s: print(s, file=sys.stderr, flush=True))
-    print(format_table(result))
+    print(bench_report.format_table(result))
     with open(args.json, "w") as f:
         json.dump(result, f, indent=1)
     print(f"\nwrote {args.json}")
+    if args.markdown:
+        with open(args.markdown, "w") as f:
+            f.write(bench_report.format_markdown(result))
+        print(f"wrote {args.markdown}")
     if args.plot:
-        plot(result, args.plot)
+        bench_report.plot(result, args.plot)
         print(f"wrote {args.plot}")
     return 0

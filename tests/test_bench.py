@@ -62,9 +62,9 @@ def test_compile_timed_reports_temporary_memory():
 
 
 def test_cli_bench_quick_writes_table_json_and_chart(tmp_path, capsys):
-    out, png = tmp_path / "bench.json", tmp_path / "bench.png"
+    out, png, md = tmp_path / "bench.json", tmp_path / "bench.png", tmp_path / "bench.md"
     code = cli.main(["bench", "--quick", "--config", "mlp-small", "layernorm-net",
-                     "--no-external", "--json", str(out), "--plot", str(png)])
+                     "--no-external", "--json", str(out), "--plot", str(png), "--markdown", str(md)])
     assert code == 0
     text = capsys.readouterr().out
     assert "manual ms" in text and "autodiff ms" in text and "targets:" in text
@@ -82,6 +82,9 @@ def test_cli_bench_quick_writes_table_json_and_chart(tmp_path, capsys):
     assert "layernorm-net: temp memory manual/autodiff" in names
     assert set(result["compile_vs_depth"]) == {"2", "8"}
     assert png.stat().st_size > 10_000
+    table = md.read_text()
+    assert "| `layernorm-net`:" in table and "| target | measured | limit |" in table
+    assert table.count("\n| mlp-small: ") + table.count("\n| layernorm-net: ") == len(names)
 
 
 def test_cli_bench_unknown_config_exits_2(capsys):
