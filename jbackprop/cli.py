@@ -43,20 +43,25 @@ def _train(args: argparse.Namespace) -> int:
     if args.resume:
         try:
             _, _, saved = trainer.load_checkpoint(os.path.join(args.resume, trainer.CHECKPOINT))
+            cfg = Config(**saved)
         except (FileNotFoundError, OSError, ValueError) as e:
             print(f"jbackprop train: --resume {args.resume}: {e}", file=sys.stderr)
             return 2
-        cfg, out = Config(**saved), args.resume
+        out = args.resume
         if args.devices is not None:  # placement only: the same steps on other devices
             cfg = dataclasses.replace(cfg, devices=args.devices)
         print(f"resuming {out} at its saved configuration: {saved}")
     else:
         noise = args.input_noise if args.input_noise is not None else (0.6 if args.dataset == "digits" else 0.0)
-        cfg = Config(model=args.model, dataset=args.dataset, optimizer=args.optimizer, lr=args.lr,
-                     batch_size=args.batch_size, epochs=args.epochs, seed=args.seed,
-                     backward=args.backward, width=args.width, depth=args.depth,
-                     weight_decay=args.weight_decay, input_noise=noise,
-                     devices=1 if args.devices is None else args.devices)
+        try:   # Config refuses numbers that cannot train, naming the field
+            cfg = Config(model=args.model, dataset=args.dataset, optimizer=args.optimizer, lr=args.lr,
+                         batch_size=args.batch_size, epochs=args.epochs, seed=args.seed,
+                         backward=args.backward, width=args.width, depth=args.depth,
+                         weight_decay=args.weight_decay, input_noise=noise,
+                         devices=1 if args.devices is None else args.devices)
+        except ValueError as e:
+            print(f"jbackprop train: {e}", file=sys.stderr)
+            return 2
         name = os.path.splitext(os.path.basename(args.dataset))[0]
         out = args.out or os.path.join("runs", f"{args.model}-{name}")
     try:

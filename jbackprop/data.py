@@ -6,6 +6,7 @@ Every loader returns a ``Dataset`` of NumPy arrays, one example per row.
 from __future__ import annotations
 
 import os
+import zipfile
 from typing import NamedTuple
 
 import numpy as np
@@ -58,20 +59,40 @@ def from_npz(path: str) -> Dataset:
     row) is classification into ``max(y) + 1`` classes; float ``y`` is regression."""
     if not os.path.exists(path):
         raise FileNotFoundError(f"dataset file {path!r} does not exist")
-    with np.load(path) as f:
-        missing = [k for k in ("x_train", "y_train", "x_test", "y_test") if k not in f]
-        if missing:
-            raise ValueError(f"{path}: missing arrays {missing}; it has {sorted(f.files)}")
-        x_tr, y_tr, x_te, y_te = (np.asarray(f[k]) for k in ("x_train", "y_train", "x_test", "y_test"))
+    names = ("x_train", "y_train", "x_test", "y_test")
+    try:
+        with np.load(path) as f:
+            files, arrays = sorted(f.files), {k: np.asarray(f[k]) for k in names if k in f}
+    except (OSError, EOFError, zipfile.BadZipFile, ValueError, TypeError, AttributeError) as e:
+        raise ValueError(f"{path}: not a readable .npz file of numeric arrays ({e})") from e
+    missing = [k for k in names if k not in arrays]
+    if missing:
+        raise ValueError(f"{path}: missing arrays {missing}; it has {files}")
+    x_tr, y_tr, x_te, y_te = (arrays[k] for k in names)
+    for name, a in arrays.items():
+        if not (np.issubdtype(a.dtype, np.number) or a.dtype == np.bool_) or a.ndim == 0:
+            raise ValueError(f"{path}: {name} must be a numeric array with one example per row, "
+                             f"got dtype {a.dtype}, shape {a.shape}")
+        if not np.all(np.isfinite(a)):
+            raise ValueError(f"{path}: {name} contains NaN or infinite values")
     for x, y, split in ((x_tr, y_tr, "train"), (x_te, y_te, "test")):
         if len(x) != len(y):
             raise ValueError(f"{path}: x_{split} has {len(x)} rows but y_{split} has {len(y)}")
         if len(x) == 0:
             raise ValueError(f"{path}: the {split} set is empty")
+        if x.ndim < 2:
+            raise ValueError(f"{path}: x_{split} must have shape (examples, features...), got "
+                             f"{x.shape}; reshape a single feature to ({len(x)}, 1)")
     if x_tr.shape[1:] != x_te.shape[1:]:
         raise ValueError(f"{path}: x_train examples have shape {x_tr.shape[1:]} but x_test {x_te.shape[1:]}")
     x_tr, x_te = x_tr.astype(np.float32), x_te.astype(np.float32)
+    if np.issubdtype(y_tr.dtype, np.integer) != np.issubdtype(y_te.dtype, np.integer):
+        raise ValueError(f"{path}: y_train has dtype {y_tr.dtype} but y_test {y_te.dtype}: both "
+                         "integer (class labels) or both float (regression targets)")
     if np.issubdtype(y_tr.dtype, np.integer):
+        if y_tr.ndim != 1 or y_te.ndim != 1:
+            raise ValueError(f"{path}: integer class labels must have one label per row, shape "
+                             f"(examples,); got y_train {y_tr.shape}, y_test {y_te.shape}")
         k = int(max(y_tr.max(), y_te.max())) + 1
         if min(y_tr.min(), y_te.min()) < 0:
             raise ValueError(f"{path}: integer labels must be ≥ 0")

@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, Callable, NamedTuple
 
 import jax
@@ -40,6 +41,20 @@ class Config:
     input_noise: float = 0.6        # std of Gaussian noise added to training inputs
     schedule: str = "cosine"        # cosine | constant
     devices: int = 1                # data parallel over this many devices (distributed.py)
+
+    def __post_init__(self):
+        """Refuse numbers that cannot train, naming the field (the CLI's flags are these fields)."""
+        for name in ("epochs", "batch_size", "width", "depth"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an integer ≥ 1, got {value!r}")
+        for name, low_open in (("lr", True), ("weight_decay", False), ("input_noise", False)):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and (value > 0 if low_open else value >= 0)):
+                raise ValueError(f"{name} must be a finite number {'>' if low_open else '≥'} 0, "
+                                 f"got {value!r}")
+        if self.schedule not in ("cosine", "constant"):
+            raise ValueError(f"schedule must be 'cosine' or 'constant', got {self.schedule!r}")
 
 
 class TrainState(NamedTuple):
@@ -76,7 +91,21 @@ def make_loss(apply: Callable, task: str, backward: str) -> Callable:
     """Mean over the batch of the per-example loss (cross-entropy or squared error, 7.2)."""
     lib = jb if backward == "manual" else reference
     per_example = lib.cross_entropy_loss if task == "classification" else lib.mse_loss
-    return lambda p, x, y: jnp.mean(jax.vmap(lambda x, y: per_example(apply(p, x), y))(x, y))
+
+    def loss(p, x, y):
+        _check_examples(x, y, "loss")
+        return jnp.mean(jax.vmap(lambda x, y: per_example(apply(p, x), y))(x, y))
+    return loss
+
+
+def _check_examples(x, y, where: str) -> None:
+    """``x`` and ``y`` hold the same number of examples, at least one (checked at trace time)."""
+    if jnp.ndim(x) == 0 or jnp.shape(x)[:1] != jnp.shape(y)[:1]:
+        raise ValueError(f"{where}: x and y must have one row per example, got x {jnp.shape(x)} "
+                         f"and y {jnp.shape(y)}")
+    if jnp.shape(x)[0] == 0:
+        raise ValueError(f"{where}: x is an empty batch (shape {jnp.shape(x)}); the mean over "
+                         "no examples is undefined")
 
 
 def make_optimizer(cfg: Config, steps: int) -> optax.GradientTransformation:
@@ -109,6 +138,10 @@ def train_epoch(loss: Callable, opt: optax.GradientTransformation, state: TrainS
     epoch). Returns the new state and the loss of every step. Jit it with static
     ``loss, opt, batch_size, input_noise``. ``batch_sharding`` (a ``jax.sharding.Sharding``)
     constrains each mini-batch to it: data parallelism, see ``distributed.py``."""
+    _check_examples(x, y, "train_epoch")
+    if not 1 <= batch_size <= x.shape[0]:
+        raise ValueError(f"train_epoch: batch_size must be in 1..{x.shape[0]} (the examples in x), "
+                         f"got {batch_size}")
     n = (x.shape[0] // batch_size) * batch_size
     k_perm, k_noise = jax.random.split(key)
     batches = jax.random.permutation(k_perm, x.shape[0])[:n].reshape(-1, batch_size)
@@ -131,6 +164,8 @@ def train_epoch(loss: Callable, opt: optax.GradientTransformation, state: TrainS
 def algorithm1(loss: Callable, params: Any, x: jax.Array, y: jax.Array, key: jax.Array,
                lr: float, steps: int) -> tuple[Any, jax.Array]:
     """Algorithm 1: ``θ := θ − α ∇θ J^{(j)}(θ)`` for a uniformly random example ``j`` per step."""
+    _check_examples(x, y, "algorithm1")
+
     def step(params, k):
         j = jax.random.randint(k, (), 0, x.shape[0])
         value, grads = jax.value_and_grad(loss)(params, x[j][None], y[j][None])

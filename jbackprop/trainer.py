@@ -4,6 +4,7 @@ epoch, ``--resume``, a stop with a clear message on a non-finite loss, Ctrl-C, a
 from __future__ import annotations
 
 import dataclasses
+import glob
 import json
 import os
 import pickle
@@ -18,6 +19,7 @@ from jbackprop.train import (Config, TrainState, evaluate, make_loss, make_model
                              train_epoch)
 
 CHECKPOINT = "checkpoint.pkl"
+PAUSE_ENV = "JBACKPROP_TEST_PAUSE_BEFORE_RENAME"   # a test hook: see _pause_before_rename
 
 
 class NonFiniteLoss(RuntimeError):
@@ -33,15 +35,36 @@ def save_checkpoint(path: str, state: TrainState, history: list[dict], cfg: Conf
         pickle.dump(blob, f, protocol=pickle.HIGHEST_PROTOCOL)
         f.flush()
         os.fsync(f.fileno())
+    _pause_before_rename(int(state.epoch), tmp)
     os.replace(tmp, path)
 
 
+def _pause_before_rename(epoch: int, tmp: str) -> None:
+    """Test hook (tests/test_fault_tolerance.py), inert unless the environment variable
+    ``JBACKPROP_TEST_PAUSE_BEFORE_RENAME`` is ``epoch``: then the checkpoint of that epoch, its
+    temporary file complete, says so on stdout and waits before the rename, so that a test can
+    kill the process inside the checkpoint write, deterministically."""
+    if os.environ.get(PAUSE_ENV) == str(epoch):
+        print(f"{PAUSE_ENV}: {tmp} written, waiting before the rename", flush=True)
+        time.sleep(60)
+
+
 def load_checkpoint(path: str) -> tuple[TrainState, list[dict], dict]:
+    """``(state, history, config)`` from ``path``; a ``ValueError`` naming it if it is not one."""
     if not os.path.exists(path):
         raise FileNotFoundError(f"no checkpoint to resume from: {path} does not exist")
-    with open(path, "rb") as f:
-        blob = pickle.load(f)
-    return jax.tree.map(jnp.asarray, blob["state"]), blob["history"], blob["config"]
+    fields = {f.name for f in dataclasses.fields(Config)}
+    try:
+        with open(path, "rb") as f:
+            blob = pickle.load(f)
+        state, history, config = blob["state"], blob["history"], blob["config"]
+        if not (isinstance(state, TrainState) and isinstance(history, list) and set(config) <= fields):
+            raise ValueError("unexpected contents")
+    except (pickle.UnpicklingError, EOFError, AttributeError, ImportError, IndexError, KeyError,
+            TypeError, ValueError) as e:
+        raise ValueError(f"{path} is not a readable jbackprop checkpoint ({type(e).__name__}: "
+                         f"{e}); remove it to train from the start") from e
+    return jax.tree.map(jnp.asarray, state), history, config
 
 
 def fit(cfg: Config, out_dir: str, resume: bool = False, progress: bool = True) -> dict:
@@ -54,6 +77,8 @@ def fit(cfg: Config, out_dir: str, resume: bool = False, progress: bool = True) 
     mesh = _mesh(cfg) if cfg.devices != 1 else None  # refused before anything is written
     os.makedirs(out_dir, exist_ok=True)
     ckpt = os.path.join(out_dir, CHECKPOINT)
+    for stale in glob.glob(glob.escape(ckpt) + ".tmp-*"):   # from a process killed mid-write
+        os.remove(stale)
     ds = datasets.load(cfg.dataset)
     x, y = jnp.asarray(ds.x_train), jnp.asarray(ds.y_train)
     if cfg.batch_size < 1 or cfg.batch_size > len(x):
@@ -119,8 +144,9 @@ def fit(cfg: Config, out_dir: str, resume: bool = False, progress: bool = True) 
                "final": {k: v for k, v in history[-1].items() if k != "epoch"} if history else {},
                "seconds_total": time.perf_counter() - start, "device": jax.devices()[0].device_kind,
                "devices": cfg.devices}
-    with open(os.path.join(out_dir, "metrics.json"), "w") as f:
+    with open(os.path.join(out_dir, "metrics.json.tmp"), "w") as f:
         json.dump(metrics, f, indent=1)
+    os.replace(os.path.join(out_dir, "metrics.json.tmp"), os.path.join(out_dir, "metrics.json"))
     _plot(history, metric, os.path.join(out_dir, "curves.png"), f"{cfg.model} on {ds.name}")
     return metrics
 
