@@ -1,5 +1,6 @@
 """The ``jbackprop`` command line: ``jbackprop check`` verifies every hand-written backward;
-``jbackprop train`` trains a model with them."""
+``jbackprop train`` trains a model with them; ``jbackprop bench`` times them against
+``jax.grad``."""
 from __future__ import annotations
 
 import argparse
@@ -83,6 +84,15 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench(args: argparse.Namespace) -> int:
+    from jbackprop import bench
+    try:
+        return bench.main(args)
+    except ValueError as e:
+        print(f"jbackprop bench: {e}", file=sys.stderr)
+        return 2
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="jbackprop", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -121,6 +131,25 @@ def main(argv=None) -> int:
                    help="data parallel over N devices (default 1; --batch-size must be a "
                         "multiple of N; on CPU set XLA_FLAGS=--xla_force_host_platform_device_count=N)")
     t.set_defaults(run=_train)
+
+    b = sub.add_parser("bench", help="time whole training steps with the hand-written backward "
+                                     "against jax.grad of the same mathematics (a table and JSON)")
+    b.add_argument("--config", nargs="+", metavar="NAME",
+                   help="only these configurations (default: all): mlp-large, mlp-small, "
+                        "resnet-s, layernorm-net, conv1d, conv2d, xent-10k")
+    b.add_argument("--quick", action="store_true",
+                   help="small shapes and short runs: checks that the suite works, in seconds")
+    b.add_argument("--budget", type=float, default=None,
+                   help="seconds of timed rounds per configuration (default 4; 0.3 with --quick)")
+    b.add_argument("--json", metavar="PATH", default="bench.json",
+                   help="where to write the results (default bench.json)")
+    b.add_argument("--plot", metavar="PNG", help="also draw the bar chart of step-time ratios")
+    b.add_argument("--markdown", metavar="PATH", help="also write the tables as Markdown")
+    b.add_argument("--no-external", action="store_true",
+                   help="skip the PyTorch / Equinox columns even if installed")
+    b.add_argument("--no-compile-depth", action="store_true",
+                   help="skip the ResNet-S compile-time-against-depth probe")
+    b.set_defaults(run=_bench)
     args = parser.parse_args(argv)
     return args.run(args)
 
