@@ -21,6 +21,12 @@ def ratios(record: dict) -> dict:
     return out
 
 
+def _spread(record: dict) -> str:
+    """`` (lo–hi)`` of the per-run manual/autodiff ratios when the timing was repeated."""
+    runs = record.get("step_ratio_runs", ())
+    return f" ({min(runs):.2f}–{max(runs):.2f})" if len(runs) > 1 else ""
+
+
 def _mb(b):
     return "—" if b is None else f"{b / 2 ** 20:.1f}"
 
@@ -35,7 +41,7 @@ def format_table(result: dict) -> str:
         v, q = r["versions"], ratios(r)
         m, a, b = v["manual"], v["autodiff"], v.get("manual, batched")
         rows.append((r["name"], f"{m['step_ms']:.2f}", f"{a['step_ms']:.2f}",
-                     f"{q['step_manual_over_autodiff']:.2f}",
+                     f"{q['step_manual_over_autodiff']:.2f}" + _spread(r),
                      f"{b['step_ms']:.2f}" if b else "—",
                      f"{q['step_vmap_over_batched']:.2f}" if b else "—",
                      f"{m['bwd_over_fwd']:.2f}", f"{a['bwd_over_fwd']:.2f}",
@@ -61,10 +67,12 @@ def format_table(result: dict) -> str:
     out += [line(row) for row in rows]
     for r in result["configs"]:
         if "matmuls_only_ms" in r:
-            out.append(f"{r['name']}: its matrix multiplies alone take {r['matmuls_only_ms']:.2f} ms"
-                       f" ({100 * r['matmul_flops'] / r['matmuls_only_ms'] / 1e6 / result['gemm']['gflops']:.0f} %"
-                       f" of the GEMM probe's rate); the manual step "
-                       f"{r['versions']['manual']['step_ms']:.2f} ms")
+            rate = r["matmul_flops"] / r["matmuls_only_ms"] / 1e6
+            out.append(f"{r['name']}: GEMM probe in the same rounds {r['gemm_probe_gflops']:.0f} "
+                       f"GFLOP/s; the step's matrix multiplies alone take "
+                       f"{r['matmuls_only_ms']:.2f} ms ({rate:.0f} GFLOP/s, "
+                       f"{100 * rate / r['gemm_probe_gflops']:.0f} % of the probe); the manual "
+                       f"step {r['versions']['manual']['step_ms']:.2f} ms")
     if result.get("compile_vs_depth"):
         out.append("\nResNet-S trace+compile of jit(grad): " + ", ".join(
             f"depth {d}: {s:.2f} s" for d, s in result["compile_vs_depth"].items()))
@@ -129,6 +137,7 @@ def format_markdown(result: dict) -> str:
                  f"{man['compile_s']:.2f} / {aut['compile_s']:.2f}",
                  f"{_mb(man['temp_bytes'])} / {_mb(aut['temp_bytes'])}",
                  f"{_mb(man['bytes_accessed'])} / {_mb(aut['bytes_accessed'])}"]
+        cells[3] += _spread(r)
         cells += [f"{v[k]['step_ms']:.2f}" if k in v else "—" for k in extra]
         out.append("| " + " | ".join(cells) + " |")
     out += ["", "| target | measured | limit | |", "| --- | --- | --- | --- |"]

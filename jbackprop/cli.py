@@ -141,6 +141,9 @@ def main(argv=None) -> int:
                    help="small shapes and short runs: checks that the suite works, in seconds")
     b.add_argument("--budget", type=float, default=None,
                    help="seconds of timed rounds per configuration (default 4; 0.3 with --quick)")
+    b.add_argument("--repeat", type=int, default=1, metavar="N",
+                   help="time each configuration N times (medians of the runs; the spread of "
+                        "the manual/autodiff ratio is reported)")
     b.add_argument("--json", metavar="PATH", default="bench.json",
                    help="where to write the results (default bench.json)")
     b.add_argument("--plot", metavar="PNG", help="also draw the bar chart of step-time ratios")

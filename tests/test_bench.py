@@ -49,7 +49,9 @@ def test_interleaved_medians_interleave_and_take_medians():
     medians = bench.interleaved_medians(
         {"a": lambda: calls.append("a"), "b": lambda: calls.append("b")},
         budget_s=0.0, min_rounds=5, max_rounds=5)
-    assert calls == ["a", "b"] * 7          # two warm-up rounds, then five timed rounds
+    assert calls[:4] == ["a", "b", "a", "b"]           # two warm-up rounds,
+    assert len(calls) == 14 and all(sorted(calls[i:i + 2]) == ["a", "b"]   # then five rounds,
+                                    for i in range(4, 14, 2))              # each a and b once
     assert set(medians) == {"a", "b"} and all(m >= 0 for m in medians.values())
 
 
@@ -64,7 +66,7 @@ def test_compile_timed_reports_temporary_memory():
 def test_cli_bench_quick_writes_table_json_and_chart(tmp_path, capsys):
     out, png, md = tmp_path / "bench.json", tmp_path / "bench.png", tmp_path / "bench.md"
     code = cli.main(["bench", "--quick", "--config", "mlp-small", "layernorm-net",
-                     "--no-external", "--json", str(out), "--plot", str(png), "--markdown", str(md)])
+                     "--repeat", "2", "--no-external", "--json", str(out), "--plot", str(png), "--markdown", str(md)])
     assert code == 0
     text = capsys.readouterr().out
     assert "manual ms" in text and "autodiff ms" in text and "targets:" in text
@@ -73,6 +75,7 @@ def test_cli_bench_quick_writes_table_json_and_chart(tmp_path, capsys):
     assert result["gemm"]["gflops"] > 0
     for r in result["configs"]:
         assert set(r["versions"]) == {"manual", "autodiff", "manual, batched"}
+        assert len(r["step_ratio_runs"]) == 2
         for v in r["versions"].values():
             assert v["step_ms"] > 0 and v["fwd_ms"] > 0 and v["grad_ms"] > 0
             assert v["compile_s"] > 0
