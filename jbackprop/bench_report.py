@@ -105,7 +105,10 @@ def plot(result: dict, path: str) -> None:
     m = result["machine"]
     ax.set_title(f"Training step time relative to jax.grad (lower is faster) — {m['device']}, "
                  f"{m['cpu_count']} cores, {m['date']}", fontsize=10)
-    ax.legend(fontsize=8, ncol=3)
+    top = max(r["versions"][k]["step_ms"] / r["versions"]["autodiff"]["step_ms"]
+              for r in result["configs"] for k in versions if k in r["versions"])
+    ax.set_ylim(0, top * 1.3)
+    ax.legend(fontsize=8, ncol=3, loc="upper right")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
