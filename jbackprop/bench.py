@@ -21,6 +21,7 @@ fraction of it.
 from __future__ import annotations
 
 import datetime
+import functools
 import json
 import os
 import platform
@@ -35,18 +36,15 @@ import numpy as np
 import optax
 
 import jbackprop as jb
-from jbackprop import bench_external, bench_models, bench_report
+from jbackprop import bench_external, bench_models, bench_report, train
 from jbackprop.bench_models import Problem
 from jbackprop.bench_report import ratios
 
 
 def train_step(loss: Callable, opt: optax.GradientTransformation) -> Callable:
-    """``(params, opt_state, x, y) -> (params, opt_state, loss)``: one optax step."""
-    def step(params, opt_state, x, y):
-        value, grads = jax.value_and_grad(loss)(params, x, y)
-        updates, opt_state = opt.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, value
-    return step
+    """``(params, opt_state, x, y) -> (params, opt_state, loss)``: the library's own training
+    step (``jbackprop.train.train_step``) for ``loss`` and ``opt``."""
+    return functools.partial(train.train_step, loss, opt)
 
 
 def compile_timed(fn: Callable, *args) -> tuple[Callable, float, int | None]:
