@@ -16,6 +16,7 @@ vmap-batched per-example pipeline with it. Optional columns (PyTorch eager and
 """
 from __future__ import annotations
 
+import math
 from typing import Any, Callable, NamedTuple
 
 import jax
@@ -141,11 +142,8 @@ def _conv(conv, in_shape, channels, classes, batch):
         params = net["manual"].init(jax.random.PRNGKey(0), shape)
         x, y = _data(b, shape, classes)
         apply = lambda lib, p, xi: net["autodiff" if lib is reference else "manual"].apply(p, xi)
-        pixels = 1
-        for n in shape[:-1]:
-            pixels *= n
-        k = 3 ** (len(shape) - 1)
-        conv_flops = 6 * b * pixels * k * (shape[-1] * c + c * c)   # two convolutions
+        k = 3 ** (len(shape) - 1)                                   # taps of a 3 or 3×3 kernel
+        conv_flops = 6 * b * math.prod(shape[:-1]) * k * (shape[-1] * c + c * c)   # two convs
         return _problem(apply, params, x, y, conv_flops + 6 * b * _weights(params),
                         {"kind": "conv", "conv": conv, "shape": shape, "channels": c,
                          "batch": b}, batched=False)
