@@ -1,4 +1,4 @@
-"""Time per epoch of data-parallel training (``jbackprop.distributed``) on 1, 2, 4 devices.
+"""Time per epoch of data-parallel training (``jbackprop.train.distributed``) on 1, 2, 4 devices.
 
 On a CPU the devices are forced host devices (``XLA_FLAGS=--xla_force_host_platform_device_count``,
 set here before JAX starts unless already given): they share the machine's cores, so this
@@ -32,7 +32,8 @@ if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "")
 import jax  # noqa: E402  (after XLA_FLAGS)
 import jax.numpy as jnp  # noqa: E402
 
-from jbackprop import data, distributed, train  # noqa: E402
+from jbackprop import train  # noqa: E402
+from jbackprop.train import data, distributed  # noqa: E402
 from jbackprop.train import Config, TrainState  # noqa: E402
 
 

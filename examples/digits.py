@@ -1,6 +1,6 @@
 """Handwritten digits with an MLP and with ResNet-S, through the library API (no CLI, no trainer).
 
-The pieces behind ``jbackprop train``, used directly: ``jbackprop.data.digits()`` (scikit-learn's
+The pieces behind ``jbackprop train``, used directly: ``jbackprop.train.data.digits()`` (scikit-learn's
 8×8 digits, a fixed stratified split, standardised), ``make_model`` / ``make_loss`` /
 ``make_optimizer`` from a ``Config`` (AdamW, cosine decay, Gaussian input noise 0.6),
 ``train_epoch`` (Algorithm 2, one ``lax.scan`` of steps) under ``jax.jit`` in a loop, and
@@ -19,7 +19,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jbackprop import data, train
+from jbackprop import train
+from jbackprop.train import data
 from jbackprop.train import Config, TrainState
 
 parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])

@@ -5,7 +5,7 @@
     when h1 and not h2. With ReLU in place of the thresholds the same idea is exact:
         h1 = relu(x1 + x2),  h2 = relu(x1 + x2 − 1),  y = h1 − 2 h2,
     computed here by ``jb.mlp``; the threshold version is written out in NumPy beside it.
-(b) The same kind of network learned from data: ``jbackprop.data.xor()`` (the four points,
+(b) The same kind of network learned from data: ``jbackprop.train.data.xor()`` (the four points,
     repeated), an MLP 2 → 32 → 2 with cross-entropy, AdamW, Algorithm 2 (``train_epoch``, jit),
     trained from 20 random initialisations; every one classifies the four points correctly.
 
@@ -18,7 +18,8 @@ import jax.numpy as jnp
 import numpy as np
 
 import jbackprop as jb
-from jbackprop import data, train
+from jbackprop import train
+from jbackprop.train import data
 from jbackprop.train import Config, TrainState
 
 X = np.array([[0, 0], [0, 1], [1, 0], [1, 1]], np.float32)

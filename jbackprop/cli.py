@@ -13,8 +13,8 @@ import time
 def _check(args: argparse.Namespace) -> int:
     import jax
     jax.config.update("jax_enable_x64", True)  # float64 finite differences and references
-    from jbackprop.check_cases import library_reports
-    from jbackprop.check_report import format_table
+    from jbackprop.check.cases import library_reports
+    from jbackprop.check.report import format_table
 
     dtypes = ("float32", "float64") if args.dtype == "all" else (args.dtype,)
     start = time.perf_counter()
@@ -38,7 +38,7 @@ def _check(args: argparse.Namespace) -> int:
 
 def _train(args: argparse.Namespace) -> int:
     import dataclasses
-    from jbackprop import trainer
+    from jbackprop.train import trainer
     from jbackprop.train import Config
 
     if args.resume:

@@ -1,7 +1,7 @@
 """Pure ``jax.numpy`` references: the same mathematics with no custom rule at all.
 
 These are what the hand-written backwards are checked against (``jax.grad`` of these), and what
-``backward="autodiff"`` trains and benchmarks with. They are written plainly from SPEC.md, with
+``backward="autodiff"`` trains and benchmarks with. They are written plainly from the course notes, with
 no shared code with the modules, and are not meant to be fast. One example at a time, in the
 notes' convention; batch them with ``jax.vmap``.
 """

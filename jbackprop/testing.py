@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any, Callable
 
 from jbackprop.check import verify_vjp
-from jbackprop.check_report import Report
+from jbackprop.check.report import Report
 
 
 def assert_vjp_correct(fn: Callable, *args: Any, reference: Callable | None = None,

@@ -27,7 +27,8 @@ import jax.numpy as jnp
 import numpy as np
 
 import jbackprop as jb
-from jbackprop import cli, data, distributed as dist, reference, train
+from jbackprop import cli, reference, train
+from jbackprop.train import data, distributed as dist
 from jbackprop.train import Config, TrainState
 
 STEPS, BATCH, NOISE = 50, 32, 0.3

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 import jbackprop as jb
-from jbackprop import cli, data, train, trainer
+from jbackprop import cli, train
+from jbackprop.train import data, trainer
 from jbackprop.train import Config
 
 GOOD = dict(x_train=np.ones((6, 3)), y_train=np.arange(6) % 2, x_test=np.ones((2, 3)),

@@ -12,7 +12,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jbackprop import bench, bench_external, bench_models, cli
+from jbackprop import cli
+from jbackprop.bench import external as bench_external, harness as bench, models as bench_models
 from tests.helpers import assert_close
 
 

@@ -25,7 +25,7 @@ import pytest
 
 import jbackprop as jb
 from jbackprop import reference as ref
-from jbackprop._module import module
+from jbackprop.modules.wiring import module
 from jbackprop.check import ALL_CHECKS, verify_vjp
 from jbackprop.testing import assert_vjp_correct
 

@@ -3,7 +3,7 @@ import jax.numpy as jnp
 import pytest
 
 import jbackprop as jb
-from jbackprop import combinators as cb
+from jbackprop.modules import combinators as cb
 from jbackprop import reference as ref
 from helpers import assert_close
 

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from jbackprop import data
+from jbackprop.train import data
 
 
 def test_digits_is_a_fixed_stratified_standardised_split():

@@ -1,4 +1,4 @@
-"""jbackprop.distributed: data-parallel training on 4 devices equals 1 device, model-parallel MLP
+"""jbackprop.train.distributed: data-parallel training on 4 devices equals 1 device, model-parallel MLP
 gradients equal 1 device and autodiff of the reference, clear errors, ``jbackprop train
 --devices 4`` in one process and across two (``jax.distributed.initialize``), resume.
 
@@ -30,7 +30,8 @@ import numpy as np
 import pytest
 
 import jbackprop as jb
-from jbackprop import cli, distributed as dist, trainer
+from jbackprop import cli
+from jbackprop.train import distributed as dist, trainer
 from jbackprop.train import Config
 
 REPO = pathlib.Path(__file__).resolve().parents[1]

@@ -1,7 +1,7 @@
 """The documentation site (mkdocs.yml, docs/) builds strictly, and every example in it runs.
 
 * ``mkdocs build --strict`` fails on a broken link, a page missing from the nav, a missing
-  anchor, and an unresolved cross-reference to the API (``[text][jbackprop.linear._mm_bwd]``)
+  anchor, and an unresolved cross-reference to the API (``[text][jbackprop.modules.linear._mm_bwd]``)
   or to a test (``[text][test_linear.test_mm_backward_formulas]``): renaming a function or a
   test that a page cites breaks the build.
 * Every ```python block of every page in docs/ runs: a page's blocks in order, as one script,
@@ -70,7 +70,7 @@ def test_site_builds_strictly(tmp_path):
     html = (tmp_path / "site" / "linear" / "index.html").read_text(encoding="utf-8")
     assert '<div class="arithmatex">' in html          # display math reaches KaTeX
     api = (tmp_path / "site" / "api" / "linear" / "index.html").read_text(encoding="utf-8")
-    assert 'id="jbackprop.linear._mm_bwd"' in api and 'id="test_linear.test_mm_backward_formulas"' in api
+    assert 'id="jbackprop.modules.linear._mm_bwd"' in api and 'id="test_linear.test_mm_backward_formulas"' in api
 
 
 @pytest.mark.parametrize("page", [p for p in PAGES if p not in RUN_ELSEWHERE and

@@ -13,7 +13,7 @@ import time
 import jax
 import numpy as np
 
-from jbackprop import trainer
+from jbackprop.train import trainer
 
 EPOCHS = 30
 ARGS = ["--dataset", "digits", "--model", "mlp", "--width", "64", "--batch-size", "2",

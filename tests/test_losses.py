@@ -1,5 +1,10 @@
+"""Losses beyond the registry's cases (tests/test_registry.py verifies MSE and cross-entropy on
+vectors, and the logistic loss with float labels 0 or 1 that are not differentiated, in float32
+and float64): scalars, soft labels differentiated, integer and boolean labels, extreme classes,
+leading batch axes, closed forms, stability, dtypes and bad input."""
 import math
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -7,8 +12,11 @@ import pytest
 
 import jbackprop as jb
 from jbackprop import reference as ref
-from helpers import assert_close, check_module
+from jbackprop.testing import assert_vjp_correct
+from helpers import U32, cast
 
+F64 = {"rtol": 1e-12, "atol": 1e-12}   # float64: hand-written vs autodiff of the reference
+EXACT = {"rtol": 1e-14, "atol": 1e-14}  # float64: a closed form with the same few operations
 T3 = jnp.array([0.7, -1.2, 2.0])                  # a vector output / logits, k = 3
 Y3 = jnp.array([0.5, 0.1, -0.4])
 
@@ -18,29 +26,45 @@ def _softmax(t):
     return e / e.sum(axis=-1, keepdims=True)
 
 
-# --- against autodiff of the reference (float64, FD, jit, vmap, per-example grads) ----------
-@pytest.mark.parametrize("t, y", [(jnp.float64(0.7), jnp.float64(-0.2)), (T3, Y3)],
-                         ids=["scalar", "vector"])
-def test_mse_against_reference(t, y):
-    check_module(jb.mse_loss, ref.mse_loss, (t, y), batch=(0, 1))
+def _vmapped(fn, times):
+    """``fn`` mapped over ``times`` leading axes of both arguments."""
+    for _ in range(times):
+        fn = jax.vmap(fn)
+    return fn
 
 
-@pytest.mark.parametrize("y, batch, argnums", [
-    (jnp.float64(0.3), (), None),    # soft label: its cotangent −t v is checked too
-    # the vmap check stacks labels [y, 0.7y + 0.3, −y], in [0, 1] only for y = 0, where finite
-    # differences in y would leave [0, 1]: differentiate t only
-    (jnp.float64(0.0), (0, 1), (0,)),
-    (jnp.int32(1), (0, 1), None), (jnp.int64(0), (0, 1), None), (jnp.bool_(True), (0, 1), None)],
-    ids=["soft-float", "float-batched", "int32", "int64", "bool"])
-def test_logistic_against_reference(y, batch, argnums):
-    check_module(jb.logistic_loss, ref.logistic_loss, (jnp.float64(-0.8), y), batch=batch,
-                 argnums=argnums)
+# --- through the library's checker (autodiff of the reference, finite differences, Taylor,
+# adjoint, linearity, jit, vmap, reverse-over-reverse), where the registry does not go --------
+def test_mse_scalar_and_leading_batch_axes():
+    """A scalar output, and (2, 4) examples of (3,) outputs at once (per-example losses), both
+    arguments differentiated."""
+    assert_vjp_correct(jb.mse_loss, jnp.float64(0.7), jnp.float64(-0.2), reference=ref.mse_loss)
+    T = jnp.asarray(np.random.default_rng(0).standard_normal((2, 4, 3)))
+    Y = jnp.asarray(np.random.default_rng(1).standard_normal((2, 4, 3)))
+    assert_vjp_correct(jb.mse_loss, T, Y, reference=_vmapped(ref.mse_loss, 2), name="mse (2, 4)")
+
+
+def test_logistic_soft_labels_differentiated():
+    """Soft float labels in (0, 1) are differentiable arguments: B[ℓ, y](v) = −t v."""
+    t = jnp.array([-0.8, 0.4, 1.7, -2.2])
+    y = jnp.array([0.3, 0.5, 0.6, 0.45])
+    assert_vjp_correct(jb.logistic_loss, t, y, reference=ref.logistic_loss, argnums=(0, 1))
+
+
+@pytest.mark.parametrize("y", [jnp.array([1, 0, 1], jnp.int32), jnp.array([0, 0, 1], jnp.int64),
+                               jnp.array([True, False, False])], ids=["int32", "int64", "bool"])
+def test_logistic_integer_and_bool_labels(y):
+    """Integer and boolean labels (cast to t's dtype inside): t differentiated, the labels
+    batched with t in the vmap check."""
+    assert_vjp_correct(jb.logistic_loss, jnp.array([-0.8, 0.4, 1.7]), y,
+                       reference=ref.logistic_loss, batch_argnums=(0, 1))
 
 
 @pytest.mark.parametrize("y", [0, 2], ids=["y=0", "y=2"])
-def test_cross_entropy_against_reference(y):
-    check_module(jb.cross_entropy_loss, ref.cross_entropy_loss, (T3, jnp.int32(y)),
-                 batch=(0, 1))
+def test_cross_entropy_first_and_last_class(y):
+    """The registry's labels are the middle class; here the first and the last."""
+    assert_vjp_correct(jb.cross_entropy_loss, T3, jnp.int32(y), reference=ref.cross_entropy_loss,
+                       batch_argnums=(0, 1))
 
 
 # --- the backward formulas as closed forms ------------------------------------------------
@@ -49,19 +73,19 @@ def test_backward_formulas():
     B[ℓ_logistic, y](v) = −tv; B[ℓ_ce, t](v) = (softmax(t) − e_y)v; integer labels: None."""
     v = jnp.float64(-1.7)
     t_bar, y_bar = jb.backward(jb.mse_loss)(T3, Y3, v)
-    assert_close(t_bar, (T3 - Y3) * v)
-    assert_close(y_bar, -(T3 - Y3) * v)
+    chex.assert_trees_all_close(t_bar, (T3 - Y3) * v, **EXACT)
+    chex.assert_trees_all_close(y_bar, -(T3 - Y3) * v, **EXACT)
 
     t, y = jnp.float64(0.9), jnp.float64(0.25)
     t_bar, y_bar = jb.backward(jb.logistic_loss)(t, y, v)
-    assert_close(t_bar, (1 / (1 + math.exp(-0.9)) - 0.25) * v)
-    assert_close(y_bar, -t * v)
+    chex.assert_trees_all_close(t_bar, (1 / (1 + math.exp(-0.9)) - 0.25) * v, **EXACT)
+    chex.assert_trees_all_close(y_bar, -t * v, **EXACT)
     t_bar, y_bar = jb.backward(jb.logistic_loss)(t, jnp.int32(1), v)
-    assert_close(t_bar, (1 / (1 + math.exp(-0.9)) - 1) * v)
+    chex.assert_trees_all_close(t_bar, (1 / (1 + math.exp(-0.9)) - 1) * v, **EXACT)
     assert y_bar is None
 
     t_bar, y_bar = jb.backward(jb.cross_entropy_loss)(T3, jnp.int32(1), v)
-    assert_close(t_bar, (_softmax(T3) - np.eye(3)[1]) * float(v))
+    chex.assert_trees_all_close(t_bar, (_softmax(T3) - np.eye(3)[1]) * float(v), **EXACT)
     assert y_bar is None
 
 
@@ -74,15 +98,13 @@ def test_leading_batch_axes_give_per_example_losses():
              (jb.cross_entropy_loss, ref.cross_entropy_loss, Yc, 2),  # logits (3,)
              (jb.logistic_loss, ref.logistic_loss, jax.nn.sigmoid(Yf), 3)]  # scalar logits
     for fn, r, y, batch_ndim in cases:
-        r_b = r
-        for _ in range(batch_ndim):
-            r_b = jax.vmap(r_b)
+        r_b = _vmapped(r, batch_ndim)
         out = fn(T, y)
-        assert out.shape == T.shape[:batch_ndim]
-        assert_close(out, r_b(T, y), 1e-12)
+        chex.assert_shape(out, T.shape[:batch_ndim])
+        chex.assert_trees_all_close(out, r_b(T, y), **F64)
         # the dataset loss is the mean over examples (7.2), taken by the user
         g = jax.grad(lambda t: jnp.mean(fn(t, y)))(T)
-        assert_close(g, jax.grad(lambda t: jnp.mean(r_b(t, y)))(T))
+        chex.assert_trees_all_close(g, jax.grad(lambda t: jnp.mean(r_b(t, y)))(T), **F64)
 
 
 def test_worked_example_regularised_single_unit():
@@ -101,14 +123,14 @@ def test_worked_example_regularised_single_unit():
     s = 1 / (1 + math.exp(-(w * x + b)))                                  # closed form
     ybar_c = s - t
     zbar_c = ybar_c * s * (1 - s)
-    assert_close(E, 0.5 * (s - t) ** 2 + lam * 0.5 * w ** 2, 1e-14)
-    assert_close(y_bar, jnp.array([ybar_c]), 1e-14)
-    assert_close(z_bar, jnp.array([zbar_c]), 1e-14)
-    assert_close(w_bar, jnp.array([[zbar_c * x + lam * w]]), 1e-14)
-    assert_close(p_bar["b"], jnp.array([zbar_c]), 1e-14)
+    chex.assert_trees_all_close(E, 0.5 * (s - t) ** 2 + lam * 0.5 * w ** 2, **EXACT)
+    chex.assert_trees_all_close(y_bar, jnp.array([ybar_c]), **EXACT)
+    chex.assert_trees_all_close(z_bar, jnp.array([zbar_c]), **EXACT)
+    chex.assert_trees_all_close(w_bar, jnp.array([[zbar_c * x + lam * w]]), **EXACT)
+    chex.assert_trees_all_close(p_bar["b"], jnp.array([zbar_c]), **EXACT)
     g = jax.grad(lambda p: jb.mse_loss(jb.sigmoid(jb.mm(p, xv)), tv)
                  + lam * 0.5 * jnp.sum(p["W"] ** 2))(params)
-    assert_close(g, {"W": w_bar, "b": p_bar["b"]})
+    chex.assert_trees_all_close(g, {"W": w_bar, "b": p_bar["b"]}, **F64)
 
 
 # --- stability ----------------------------------------------------------------------------
@@ -120,7 +142,7 @@ def test_logistic_extreme_logits(big, dtype):
     t = jnp.array([big, big, -big, -big], dtype)
     y = jnp.array([1, 0, 1, 0])
     loss, grad = jb.logistic_loss(t, y), jax.grad(lambda t: jnp.sum(jb.logistic_loss(t, y)))(t)
-    assert loss.dtype == grad.dtype == dtype
+    chex.assert_type([loss, grad], dtype)
     np.testing.assert_array_equal(loss, np.array([0.0, big, big, 0.0], dtype))
     np.testing.assert_array_equal(grad, np.array([0.0, 1.0, -1.0, 0.0], dtype))
 
@@ -142,7 +164,7 @@ def test_cross_entropy_extreme_logits(dtype, big):
     t = jnp.array([big, 0.0, -big], dtype)
     for y, loss_c in [(0, 0.0), (1, big), (2, 2 * big)]:
         loss, grad = jax.value_and_grad(jb.cross_entropy_loss)(t, y)
-        assert loss.dtype == grad.dtype == dtype
+        chex.assert_type([loss, grad], dtype)
         np.testing.assert_array_equal(loss, np.asarray(loss_c, dtype))
         np.testing.assert_array_equal(grad, np.array([1.0, 0, 0], dtype) - np.eye(3)[y])
     tie = jnp.array([big, big, -big], dtype)             # two equal huge logits: log 2, ½ each
@@ -151,18 +173,32 @@ def test_cross_entropy_extreme_logits(dtype, big):
     np.testing.assert_allclose(grad, [0.5, -0.5, 0.0], rtol=1e-7)
 
 
-def test_float32_close_to_float64():
+def test_float32_within_round_off_of_the_float64_reference():
+    """Float32 losses and cotangents against the exact values: the float64 reference (vmapped
+    over the examples) and its ``jax.grad``, at the same float32 numbers. Each value comes
+    from a few correctly rounded (or few-ulp: exp, log1p) operations on numbers of magnitude
+    at most S = max(1, |t|, |y|): a sum of k = 4 squares, σ(t) − y, softmax − e_y,
+    log(1 + e^t) − y t and logsumexp(t) − t_y, whose cancellations leave an error of a few
+    round-offs u of S. 8u (relative) + 8uS (absolute) bounds that; float32's own
+    representation error is u."""
     T = jax.random.normal(jax.random.PRNGKey(1), (6, 4)) * 3
     Y = jax.random.normal(jax.random.PRNGKey(2), (6, 4))
-    cases = [(jb.mse_loss, T, Y, True), (jb.logistic_loss, T, jax.nn.sigmoid(Y), True),
-             (jb.cross_entropy_loss, T, jnp.array([0, 3, 1, 2, 2, 0]), False)]
-    for fn, t, y, cast_y in cases:
-        f32 = lambda a, c=True: a.astype(jnp.float32) if c else a
-        loss32 = fn(f32(t), f32(y, cast_y))
-        g32 = jax.grad(lambda t, y: jnp.sum(fn(t, y)))(f32(t), f32(y, cast_y))
-        assert loss32.dtype == g32.dtype == jnp.float32
-        assert_close(loss32, fn(t, y), 1e-4, fn.__name__)
-        assert_close(g32, jax.grad(lambda t: jnp.sum(fn(t, y)))(t), 1e-4, fn.__name__)
+    cases = [(jb.mse_loss, ref.mse_loss, 1, T, Y, (0, 1)),           # rows of 4 outputs
+             (jb.logistic_loss, ref.logistic_loss, 2, T, jax.nn.sigmoid(Y), (0, 1)),  # scalars
+             (jb.cross_entropy_loss, ref.cross_entropy_loss, 1, T, jnp.array([0, 3, 1, 2, 2, 0]),
+              (0,))]                                                  # rows of 4 logits
+    for fn, r, batch_ndim, t, y, argnums in cases:
+        t32, y32 = cast((t, y), jnp.float32)
+        t64, y64 = cast((t32, y32), jnp.float64)                      # the same numbers
+        r_b = _vmapped(r, batch_ndim)
+        loss32 = fn(t32, y32)
+        g32 = jax.grad(lambda t, y: jnp.sum(fn(t, y)), argnums)(t32, y32)
+        chex.assert_type([loss32, *g32], jnp.float32)
+        S = max(1.0, float(jnp.max(jnp.abs(t64))), float(jnp.max(jnp.abs(y64))))
+        tol = {"rtol": 8 * U32, "atol": 8 * U32 * S}
+        chex.assert_trees_all_close(loss32, r_b(t64, y64), **tol)
+        chex.assert_trees_all_close(g32, jax.grad(lambda t, y: jnp.sum(r_b(t, y)), argnums)(t64, y64),
+                                    **tol)
 
 
 def test_bfloat16_runs():
@@ -173,15 +209,15 @@ def test_bfloat16_runs():
     for fn, y in cases:
         loss = jax.jit(fn)(T, y)
         grad = jax.jit(jax.grad(lambda t: jnp.sum(fn(t, y))))(T)
-        for a in (loss, grad):
-            assert a.dtype == bf and bool(jnp.all(jnp.isfinite(a))), fn.__name__
+        chex.assert_type([loss, grad], bf)
+        assert bool(jnp.all(jnp.isfinite(loss))) and bool(jnp.all(jnp.isfinite(grad))), fn.__name__
 
 
 def test_mixed_dtypes_follow_promotion():
     t, y = T3.astype(jnp.float32), Y3
-    assert jb.mse_loss(t, y).dtype == jnp.float64
+    chex.assert_type(jb.mse_loss(t, y), jnp.float64)
     gt, gy = jax.grad(lambda t, y: jb.mse_loss(t, y), (0, 1))(t, y)
-    assert gt.dtype == jnp.float32 and gy.dtype == jnp.float64
+    chex.assert_type([gt, gy], [jnp.float32, jnp.float64])
 
 
 # --- labels -------------------------------------------------------------------------------
@@ -200,8 +236,8 @@ def test_concrete_labels_closed_over_by_jit_are_checked():
     with pytest.raises(ValueError, match=r"y must be in \[0, 1\]"):
         jax.jit(lambda t: jb.logistic_loss(t, bad))(T3[:2])
     Y = jnp.array([2, 0])
-    assert_close(jax.jit(lambda t: jb.cross_entropy_loss(t, Y))(T),
-                 jax.vmap(ref.cross_entropy_loss)(T, Y), 1e-12)
+    chex.assert_trees_all_close(jax.jit(lambda t: jb.cross_entropy_loss(t, Y))(T),
+                                jax.vmap(ref.cross_entropy_loss)(T, Y), **F64)
 
 
 def test_cross_entropy_label_out_of_range_traced_is_nan():
@@ -211,9 +247,9 @@ def test_cross_entropy_label_out_of_range_traced_is_nan():
     Y = jnp.array([1, 3, -1])
     loss = jax.jit(jb.cross_entropy_loss)(T, Y)
     grad = jax.jit(jax.grad(lambda t, y: jnp.sum(jb.cross_entropy_loss(t, y))))(T, Y)
-    assert_close(loss[0], ref.cross_entropy_loss(T3, 1), 1e-12)
+    chex.assert_trees_all_close(loss[0], ref.cross_entropy_loss(T3, 1), **F64)
     assert bool(jnp.all(jnp.isnan(loss[1:]))) and bool(jnp.all(jnp.isnan(grad[1:])))
-    assert_close(grad[0], _softmax(T3) - np.eye(3)[1])
+    chex.assert_trees_all_close(grad[0], _softmax(T3) - np.eye(3)[1], **F64)
 
 
 def test_logistic_label_out_of_range():

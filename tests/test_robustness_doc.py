@@ -7,7 +7,8 @@ import re
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 PAGE = ROOT / "docs" / "robustness.md"
 ROBUSTNESS_FILES = ["test_extreme_values.py", "test_dtypes.py", "test_properties.py",
-                    "test_bad_input.py", "test_fault_tolerance.py", "test_robustness_doc.py"]
+                    "test_bad_input.py", "test_fault_tolerance.py", "test_robustness_doc.py",
+                    "test_dtype_contract.py", "test_contract_errors.py"]
 
 
 def _tests(file):

@@ -1,4 +1,4 @@
-"""jbackprop.train and jbackprop.trainer: manual and autodiff runs agree, resume is
+"""jbackprop.train and jbackprop.train.trainer: manual and autodiff runs agree, resume is
 bit-identical, per-example gradients, Algorithm 1, NaN stop, checkpoints."""
 import dataclasses
 import json
@@ -11,7 +11,8 @@ import optax
 import pytest
 
 import jbackprop as jb
-from jbackprop import train, trainer
+from jbackprop import train
+from jbackprop.train import trainer
 from jbackprop.train import Config, TrainState
 from helpers import assert_close
 
@@ -20,7 +21,7 @@ SMALL = dict(dataset="xor", width=16, epochs=3, batch_size=16, input_noise=0.1)
 
 def _run_steps(cfg, dtype, steps=100):
     """``steps`` Adam steps from the same init and data, with ``cfg.backward``; returns losses."""
-    from jbackprop import data
+    from jbackprop.train import data
     ds = data.digits()
     x, y = jnp.asarray(ds.x_train, dtype), jnp.asarray(ds.y_train)
     init, apply = train.make_model(cfg, x.shape[1:], 10)

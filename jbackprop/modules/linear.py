@@ -2,15 +2,20 @@
 
 One example is a column vector ``z ∈ R^m`` and ``MM_{W,b}(z) = W z + b``. Extra leading axes of
 ``z`` are a batch (row-major ``U = X Wᵀ + b``, 7.84); under ``jax.vmap`` the module is called on
-the batch once, so its weight gradient is one matrix multiply (see ``_module``).
+the batch once, so its weight gradient is one matrix multiply (see ``wiring``).
 """
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
 
-from jbackprop import _checks
-from jbackprop._module import module
+from jbackprop import reference
+from jbackprop.modules import arguments
+from jbackprop.modules.registry import declare, normal
+from jbackprop.modules.wiring import apply
+
+# The public modules, re-exported by jbackprop.
+__all__ = ["mm"]
 
 
 @jax.custom_vjp
@@ -41,7 +46,6 @@ def _mm_bwd(res, v):
 _mm.defvjp(_mm_fwd, _mm_bwd)
 
 
-@module(_mm, batch_args=("z",))
 def mm(params, z):
     r"""Matrix multiplication ``MM_{W,b}(z) = W z + b`` with a hand-written backward.
 
@@ -57,14 +61,21 @@ def mm(params, z):
       z: input ``(m,)``, or ``(..., m)`` with leading batch axes.
 
     Returns:
-      ``(n,)`` (or ``(..., n)``), in the dtype of ``z`` and ``W``.
+      ``(n,)`` (or ``(..., n)``), in the promoted dtype of ``params`` and ``z`` (as ``jnp``
+      computes ``W z + b``); each cotangent comes back in its argument's dtype.
 
     Raises:
       TypeError / ValueError: ``params`` keys or ranks are wrong, or ``W`` and ``z`` disagree.
     """
-    p = _checks.params_dict(params, "params", ("W",), ("b",))
-    z = _checks.float_array(z, "z", min_ndim=1)
-    _checks.ndim(p["W"], "params['W']", 2)
+    params, z = _mm_arguments(params, z)
+    return apply(_mm, params, z, batch_argnums=(1,))
+
+
+def _mm_arguments(params, z):
+    """Check ``mm``'s arguments (trace time) and cast them to their common dtype."""
+    p = arguments.params_dict(params, "params", ("W",), ("b",))
+    z = arguments.float_array(z, "z", min_ndim=1)
+    arguments.ndim(p["W"], "params['W']", 2)
     n, m = p["W"].shape
     if z.shape[-1] != m:
         raise ValueError(f"mm: params['W'] has shape {p['W'].shape} (n={n}, m={m}) but z has "
@@ -72,4 +83,12 @@ def mm(params, z):
     if "b" in p and p["b"].shape != (n,):
         raise ValueError(f"mm: params['b'] must have shape ({n},) to match params['W'] "
                          f"{p['W'].shape}, got {p['b'].shape}")
-    return {"params": p, "z": z}
+    return arguments.promote(p, z)
+
+
+declare(mm, core=_mm, num_arrays=2, reference=reference.mm, family="linear", section="mm",
+        shapes="`{\"W\": (n, m), \"b\": (n,)}` (`b` optional), `z (m,)` → `(n,)`",
+        backward="`Wᵀv`, `v zᵀ`, `v`", layer="Dense",
+        examples=lambda rng: [({"W": normal(rng, 6, 5), "b": normal(rng, 6)}, normal(rng, 5)),
+                              ({"W": normal(rng, 17, 16), "b": normal(rng, 17)}, normal(rng, 16)),
+                              ({"W": normal(rng, 3, 4)}, normal(rng, 4))])

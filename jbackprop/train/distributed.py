@@ -33,7 +33,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
-from jbackprop.train import train_epoch, train_step
+from jbackprop.train.loop import train_epoch, train_step
 
 DATA, MODEL = "data", "model"
 

@@ -36,9 +36,10 @@ import numpy as np
 import optax
 
 import jbackprop as jb
-from jbackprop import bench_external, bench_models, bench_report, train
-from jbackprop.bench_models import Problem
-from jbackprop.bench_report import ratios
+from jbackprop import train
+from jbackprop.bench import external as bench_external, models as bench_models, report as bench_report
+from jbackprop.bench.models import Problem
+from jbackprop.bench.report import ratios
 
 
 def train_step(loss: Callable, opt: optax.GradientTransformation) -> Callable:
@@ -212,7 +213,7 @@ def machine() -> dict:
 
 
 def targets(result: dict) -> list[dict]:
-    """The issue's targets, each with its measured value and whether it holds."""
+    """The performance targets, each with its measured value and whether it holds."""
     out = []
 
     def add(what, value, limit):

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import optax
 
 import jbackprop as jb
-from jbackprop import reference
+from jbackprop.modules import registry
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,10 +73,10 @@ def make_model(cfg: Config, in_shape: tuple[int, ...], num_outputs: int):
         d *= int(n)
     if cfg.model == "mlp":
         sizes = [d, cfg.width, cfg.width, num_outputs]
-        return (lambda key: jb.mlp_init(key, sizes)), (jb.mlp if manual else reference.mlp)
+        return (lambda key: jb.mlp_init(key, sizes)), _pick(jb.mlp, manual)
     if cfg.model == "resnet-s":
         return (lambda key: jb.resnet_s_init(key, d, cfg.width, cfg.depth, num_outputs)), \
-            (jb.resnet_s if manual else reference.resnet_s)
+            _pick(jb.resnet_s, manual)
     if cfg.model == "cnn":
         side = int(round(d ** 0.5))
         image = side * side == d and side > 2      # square images (digits 8×8): Conv2D
@@ -87,10 +87,15 @@ def make_model(cfg: Config, in_shape: tuple[int, ...], num_outputs: int):
     raise ValueError(f"unknown model {cfg.model!r}: choose mlp, resnet-s or cnn")
 
 
+def _pick(module: Callable, manual: bool) -> Callable:
+    """The module (hand-written backward) or its declared pure-jnp reference (autodiff)."""
+    return module if manual else registry.reference_of(module)
+
+
 def make_loss(apply: Callable, task: str, backward: str) -> Callable:
     """Mean over the batch of the per-example loss (cross-entropy or squared error, 7.2)."""
-    lib = jb if backward == "manual" else reference
-    per_example = lib.cross_entropy_loss if task == "classification" else lib.mse_loss
+    loss_module = jb.cross_entropy_loss if task == "classification" else jb.mse_loss
+    per_example = _pick(loss_module, backward == "manual")
 
     def loss(p, x, y):
         _check_examples(x, y, "loss")

@@ -20,7 +20,7 @@ All four cost ``O(k m)`` per channel pair and example (``O(k² h w)`` in 2-D), n
 Layout: channels last, as JAX does. The notes write the Conv2D filters as ``C × C' × k × k``;
 here they are stored ``(k, k, C, C')`` (and ``(k, C, C')`` in 1-D), the input is ``(…, m, C)``
 or ``(…, h, w, C)``. Extra leading axes of ``z`` are a batch; under ``jax.vmap`` the module is
-called once on the whole batch (see ``_module``), so the weight gradient is one convolution
+called once on the whole batch (see ``wiring``), so the weight gradient is one convolution
 contracting batch and positions.
 
 One pair of helpers, ``_forward`` and ``_backward``, works on the canonical shapes
@@ -37,8 +37,13 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from jbackprop import _checks
-from jbackprop._module import module
+from jbackprop import reference
+from jbackprop.modules import arguments
+from jbackprop.modules.registry import declare, normal
+from jbackprop.modules.wiring import apply
+
+# The public modules, re-exported by jbackprop.
+__all__ = ["conv1d_s", "conv1d", "conv2d_s", "conv2d"]
 
 _SPATIAL = {1: "W", 2: "HW"}   # spatial letters of lax.conv_general_dilated's dimension specs
 
@@ -73,6 +78,8 @@ def _backward(w, z, v):
       channel ``c`` plays the batch; its output has exactly the shape ``(*K, C, C')``;
     * ``b̄_{c'} = Σ_{n,i} v_{n,i,c'}``.
     """
+    if z.size == 0:   # nothing to correlate (an empty signal or batch): XLA rejects such convs
+        return jnp.zeros_like(w), jnp.zeros(w.shape[-1:], v.dtype), jnp.zeros_like(z)
     n = w.ndim - 2
     ell = w.shape[0] // 2
     sp = _SPATIAL[n]
@@ -126,12 +133,12 @@ def _conv_s_bwd(res, v):
 _conv_s.defvjp(_conv_s_fwd, _conv_s_bwd)
 
 
-def _check(name, params, z, n, single):
-    """Validate one call; return the arrays in their common (promoted) floating dtype."""
-    p = _checks.params_dict(params, "params", ("w", "b"))
+def _arguments(name, params, z, n, single):
+    """Check one call (trace time); return ``(params, z)`` in their common floating dtype."""
+    p = arguments.params_dict(params, "params", ("w", "b"))
     w, b = p["w"], p["b"]
-    z = _checks.float_array(z, "z", min_ndim=n if single else n + 1)
-    _checks.ndim(w, "params['w']", n if single else n + 2)
+    z = arguments.float_array(z, "z", min_ndim=n if single else n + 1)
+    arguments.ndim(w, "params['w']", n if single else n + 2)
     ks = w.shape[:n]
     if len(set(ks)) > 1:
         raise ValueError(f"{name}: params['w'] has shape {w.shape}, a rectangular "
@@ -152,11 +159,9 @@ def _check(name, params, z, n, single):
     if b.shape != b_shape:
         raise ValueError(f"{name}: params['b'] must have shape {b_shape} to match params['w'] "
                          f"{w.shape}, got {b.shape}")
-    dt = jnp.result_type(w, b, z)   # one dtype inside the core, so cotangents match primals
-    return {"params": {"w": w.astype(dt), "b": b.astype(dt)}, "z": z.astype(dt)}
+    return arguments.promote({"w": w, "b": b}, z)   # one dtype inside the core
 
 
-@module(_conv_s, batch_args=("z",))
 def conv1d_s(params, z):
     r"""Conv1D-S (7.48): one-channel 1-D cross-correlation with zero "same" padding.
 
@@ -183,10 +188,10 @@ def conv1d_s(params, z):
       TypeError / ValueError: wrong ``params`` keys, ranks or ``b`` shape, an even ``k``, or a
         non-floating ``z``.
     """
-    return _check("conv1d_s", params, z, 1, single=True)
+    params, z = _arguments("conv1d_s", params, z, 1, single=True)
+    return apply(_conv_s, params, z, batch_argnums=(1,))
 
 
-@module(_conv, batch_args=("z",))
 def conv1d(params, z):
     r"""Conv1D (7.50): ``C`` input channels to ``C'`` output channels, channels last.
 
@@ -215,10 +220,10 @@ def conv1d(params, z):
       TypeError / ValueError: wrong ``params`` keys, ranks or ``b`` shape, an even ``k``, a
         channel mismatch between ``w`` and ``z``, or a non-floating ``z``.
     """
-    return _check("conv1d", params, z, 1, single=False)
+    params, z = _arguments("conv1d", params, z, 1, single=False)
+    return apply(_conv, params, z, batch_argnums=(1,))
 
 
-@module(_conv_s, batch_args=("z",))
 def conv2d_s(params, z):
     r"""Conv2D-S: one-channel 2-D cross-correlation, ``k × k`` filter, zero "same" padding.
 
@@ -245,10 +250,10 @@ def conv2d_s(params, z):
       TypeError / ValueError: wrong ``params`` keys, ranks or ``b`` shape, a rectangular or
         even kernel, or a non-floating ``z``.
     """
-    return _check("conv2d_s", params, z, 2, single=True)
+    params, z = _arguments("conv2d_s", params, z, 2, single=True)
+    return apply(_conv_s, params, z, batch_argnums=(1,))
 
 
-@module(_conv, batch_args=("z",))
 def conv2d(params, z):
     r"""Conv2D (7.51): ``C`` to ``C'`` channels, ``k × k`` filters, channels last.
 
@@ -277,4 +282,32 @@ def conv2d(params, z):
       TypeError / ValueError: wrong ``params`` keys, ranks or ``b`` shape, a rectangular or
         even kernel, a channel mismatch between ``w`` and ``z``, or a non-floating ``z``.
     """
-    return _check("conv2d", params, z, 2, single=False)
+    params, z = _arguments("conv2d", params, z, 2, single=False)
+    return apply(_conv, params, z, batch_argnums=(1,))
+
+
+# --- declarations ------------------------------------------------------------------------
+def _declare(fn, core, examples, shapes, backward, layer=None):
+    declare(fn, core=core, num_arrays=2, reference=getattr(reference, fn.__name__),
+            examples=examples, family="convolution", section=fn.__name__.replace("_", "-"),
+            shapes=shapes, backward=backward, layer=layer)
+
+
+_declare(conv1d_s, _conv_s,
+         lambda rng: [({"w": normal(rng, 3), "b": normal(rng)}, normal(rng, m)) for m in (10, 32)],
+         "`{\"w\": (k,), \"b\": ()}`, `z (m,)` → `(m,)`",
+         "`Qᵀv` (correlation with flipped `w`), `Σ_i v_i z_{i−ℓ+j}`, `Σv`")
+_declare(conv1d, _conv,
+         lambda rng: [({"w": normal(rng, 3, 2, 4), "b": normal(rng, 4)}, normal(rng, m, 2))
+                      for m in (5, 16)],
+         "`{\"w\": (k, C, C2), \"b\": (C2,)}`, `z (m, C)` → `(m, C2)`",
+         "per channel pair as Conv1D-S, summed", layer="Conv1D")
+_declare(conv2d_s, _conv_s,
+         lambda rng: [({"w": normal(rng, 3, 3), "b": normal(rng)}, normal(rng, h, 6)) for h in (5, 16)],
+         "`{\"w\": (k, k), \"b\": ()}`, `z (h, w)` → `(h, w)`",
+         "correlation with the flipped filter; `Σ v z` shifted; `Σv`")
+_declare(conv2d, _conv,
+         lambda rng: [({"w": normal(rng, 3, 3, 2, 3), "b": normal(rng, 3)}, normal(rng, h, 6, 2))
+                      for h in (5, 16)],
+         "`{\"w\": (k, k, C, C2), \"b\": (C2,)}`, `z (h, w, C)` → `(h, w, C2)`",
+         "per channel pair as Conv2D-S, summed", layer="Conv2D")

@@ -16,10 +16,10 @@ from typing import Any, Callable, NamedTuple, Sequence
 import jax
 import jax.numpy as jnp
 
-from jbackprop import activations
-from jbackprop.convolution import conv1d, conv2d
-from jbackprop.linear import mm
-from jbackprop.normalisation import layer_norm
+from jbackprop.modules import registry
+from jbackprop.modules.convolution import conv1d, conv2d
+from jbackprop.modules.linear import mm
+from jbackprop.modules.normalisation import layer_norm
 
 Shape = Sequence[int]
 
@@ -41,9 +41,8 @@ def he_normal(key, shape, fan_in, dtype=jnp.float32, gain=1.0):
 
 
 def _pick(module: Callable, reference: bool) -> Callable:
-    """The module, or its pure-jnp reference (``jbackprop.reference``, for autodiff runs)."""
-    from jbackprop import reference as ref
-    return getattr(ref, module.__name__) if reference else module
+    """The module, or its pure-jnp reference (from the registry, for autodiff runs)."""
+    return registry.reference_of(module) if reference else module
 
 
 def Dense(n: int, *, bias: bool = True, dtype=jnp.float32, gain: float = 1.0,
@@ -67,8 +66,26 @@ def Activation(fn: Callable[..., jax.Array], *, reference: bool = False, **hyper
     return Layer(lambda key, in_shape: (), lambda params, x: fn(x, **hyper))
 
 
-Relu, Sigmoid, Tanh, Gelu = (Activation(f) for f in (activations.relu, activations.sigmoid,
-                                                     activations.tanh, activations.gelu))
+def layer(module: Callable, *, dtype=jnp.float32, reference: bool = False, **hyper) -> Layer:
+    """The layer of any declared module whose parameters follow from its input shape.
+
+    ``layer(jb.elu, alpha=0.5)``, ``layer(jb.layer_norm, eps=1e-6)``: the parameters come from
+    the module's declared ``init`` (none for the activations and LN-S); the hyper-parameters
+    are fixed. The layers named in the registry (``Relu``, ``Elu``, ``LeakyRelu``, ``LayerNormS``,
+    ``ResidualBlock``, …) are ``layer(module)`` with the defaults.
+    """
+    decl = registry.of(module)
+    if decl.layer is None:
+        raise TypeError(f"layer: {decl.name} has no layer (a loss takes labels; a model is "
+                        "built from layers with serial)")
+    if decl.init is None and decl.layer in _HAND_WRITTEN:
+        raise TypeError(f"layer: {decl.name} needs sizes that its input does not give; use "
+                        f"combinators.{decl.layer}")
+    apply = _pick(decl.fn, reference)
+    if decl.init is None:
+        return Layer(lambda key, in_shape: (), lambda params, x: apply(x, **hyper))
+    return Layer(lambda key, in_shape: decl.init(key, tuple(in_shape), dtype),
+                 lambda params, x: apply(params, x, **hyper))
 
 
 def LayerNorm(*, eps: float = 1e-5, per_feature: bool = True, dtype=jnp.float32,
@@ -134,3 +151,24 @@ def Residual(layer: Layer) -> Layer:
                              f"{out_shape(layer, p, in_shape)}; it must keep the shape")
         return p
     return Layer(init, lambda params, z: z + layer.apply(params, z))
+
+
+def _generated() -> dict[str, Callable[[], Layer]]:
+    """The registry's layer names that no factory above defines: each is ``layer(module)``."""
+    return {d.layer: d.fn for d in registry.declarations()
+            if d.layer is not None and d.layer not in _HAND_WRITTEN}
+
+
+_HAND_WRITTEN = ("Dense", "LayerNorm", "Conv1D", "Conv2D")
+
+
+def __getattr__(name: str) -> Layer:
+    """``combinators.Relu``, ``combinators.Elu``, …: generated from the registry on first use."""
+    fn = _generated().get(name) if not name.startswith("_") else None
+    if fn is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return layer(fn)
+
+
+def __dir__() -> list[str]:
+    return sorted(list(globals()) + list(_generated()))

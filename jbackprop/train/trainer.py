@@ -14,8 +14,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jbackprop import data as datasets, distributed
-from jbackprop.train import (Config, TrainState, evaluate, make_loss, make_model, make_optimizer,
+from jbackprop.train import data as datasets, distributed
+from jbackprop.train.loop import (Config, TrainState, evaluate, make_loss, make_model, make_optimizer,
                              train_epoch)
 
 CHECKPOINT = "checkpoint.pkl"

@@ -20,8 +20,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jbackprop import _checks
-from jbackprop._module import module
+from jbackprop import reference
+from jbackprop._compat import Tracer
+from jbackprop.modules import arguments
+from jbackprop.modules.registry import declare, normal
+from jbackprop.modules.wiring import apply
+
+# The public modules, re-exported by jbackprop.
+__all__ = ["mse_loss", "logistic_loss", "cross_entropy_loss"]
 
 
 def _compute_dtype(dtype):
@@ -32,14 +38,6 @@ def _same_shape(t, y, name, what="t"):
     if t.shape != y.shape:
         raise ValueError(f"{name}: y must have the shape of {what} {t.shape}, got y {y.shape} "
                          "(no broadcasting: a (B,) target against a (B, 1) output is a bug)")
-
-
-def _common_dtype(t, y):
-    """Cast ``t`` and a float ``y`` to their common dtype (autodiff casts cotangents back)."""
-    if t.dtype == y.dtype:
-        return t, y
-    dtype = jnp.result_type(t, y)
-    return t.astype(dtype), y.astype(dtype)
 
 
 # --- squared error: ℓ = ½‖t − y‖² over the last axis (or ½(t − y)² for a scalar t) ----------
@@ -62,7 +60,6 @@ def _mse_bwd(d, v):
 _mse.defvjp(_mse_fwd, _mse_bwd)
 
 
-@module(_mse)
 def mse_loss(t, y):
     r"""Squared error ``ℓ = ½‖t − y‖²`` (7.1) for one example; ``B[ℓ, t](v) = (t − y) v``.
 
@@ -79,17 +76,22 @@ def mse_loss(t, y):
     Raises:
       TypeError: ``t`` or ``y`` is not floating. ValueError: their shapes differ.
     """
-    t = _checks.float_array(t, "t")
-    y = _checks.float_array(y, "y")
+    t = arguments.float_array(t, "t")
+    y = arguments.float_array(y, "y")
     _same_shape(t, y, "mse_loss")
-    t, y = _common_dtype(t, y)
-    return {"t": t, "y": y}
+    return apply(_mse, *arguments.promote(t, y))
+
+
+declare(mse_loss, core=_mse, num_arrays=2, reference=reference.mse_loss,
+        examples=lambda rng: [(normal(rng, m), normal(rng, m)) for m in (5, 16)],
+        family="losses", section="squared-error", shapes="`½‖t − y‖²`, `t, y (k,)`",
+        backward="`(t − y) v`; `−(t − y) v` for `y`")
 
 
 # --- logistic: ℓ = log(1 + e^t) − y t = max(t, 0) − y t + log1p(e^{−|t|}) ---------------------
 def _label_float(y, dtype):
     """The label as a float of ``dtype`` and the mask of valid labels ``0 ≤ y ≤ 1``."""
-    y = y.astype(dtype)
+    y = y if y.dtype == dtype else y.astype(dtype)      # (no cast: a weak type is kept)
     return y, (y >= 0) & (y <= 1)
 
 
@@ -121,7 +123,6 @@ def _logistic_bwd(res, v):
 _logistic.defvjp(_logistic_fwd, _logistic_bwd)
 
 
-@module(_logistic)
 def logistic_loss(t, y):
     r"""Logistic loss ``ℓ = −log p(y | t) = log(1 + e^t) − y t`` (7.4) for a logit ``t``.
 
@@ -141,21 +142,27 @@ def logistic_loss(t, y):
       TypeError: ``t`` is not floating, or ``y`` is neither float, integer nor bool.
       ValueError: the shapes differ, or a concrete ``y`` lies outside [0, 1].
     """
-    t = _checks.float_array(t, "t")
-    y = jnp.asarray(y) if not isinstance(y, jax.Array) else y
+    t = arguments.float_array(t, "t")
+    if not isinstance(y, Tracer):       # concrete, also when closed over by jax.jit: check it
+        y_np = np.asarray(y)            # before it becomes a (traced) JAX constant
+        if np.issubdtype(y_np.dtype, np.number) or y_np.dtype == np.bool_:
+            bad = ~((y_np >= 0) & (y_np <= 1))        # also catches NaN
+            if bad.any():
+                raise ValueError(f"logistic_loss: y must be in [0, 1] (a label in {{0, 1}} or a "
+                                 f"soft label), got {y_np[bad].ravel()[:5].tolist()}")
+    y = jnp.asarray(y)
     if not (_is_float(y) or jnp.issubdtype(y.dtype, jnp.integer) or y.dtype == jnp.bool_):
         raise TypeError(f"logistic_loss: y must be a label in {{0, 1}} (integer or bool) or "
                         f"a float in [0, 1], got dtype {y.dtype}")
     _same_shape(t, y, "logistic_loss")
-    if not isinstance(y, jax.core.Tracer):
-        yn = np.asarray(y)                            # NumPy: not staged even inside a jit
-        bad = ~((yn >= 0) & (yn <= 1))                # also catches NaN
-        if bad.any():
-            raise ValueError(f"logistic_loss: y must be in [0, 1] (a label in {{0, 1}} or a "
-                             f"soft label), got {yn[bad].ravel()[:5].tolist()}")
-    if _is_float(y):
-        t, y = _common_dtype(t, y)
-    return {"t": t, "y": y}
+    return apply(_logistic, *arguments.promote(t, y))
+
+
+declare(logistic_loss, core=_logistic, num_arrays=2, reference=reference.logistic_loss,
+        examples=lambda rng: [(normal(rng), np.float64(0.0)), (normal(rng, 4), np.ones(4))],
+        nondiff=(1,), family="losses", section="logistic-loss",
+        shapes="logit `t`, label `y ∈ {0, 1}` (or soft, in [0, 1]) of `t`'s shape",
+        backward="`(sigmoid(t) − y) v`; `−t v` for a float `y`")
 
 
 # --- cross-entropy: ℓ = logsumexp(t) − t_y, computed on s = t − max(t) -----------------------
@@ -203,7 +210,6 @@ def _cross_entropy_bwd(res, v):
 _cross_entropy.defvjp(_cross_entropy_fwd, _cross_entropy_bwd)
 
 
-@module(_cross_entropy)
 def cross_entropy_loss(t, y):
     r"""Cross-entropy ``ℓ = −log softmax(t)_y = logsumexp(t) − t_y`` (7.6) for logits ``t``.
 
@@ -224,14 +230,20 @@ def cross_entropy_loss(t, y):
       ValueError: ``t`` has rank 0 or no classes, ``y``'s shape is not ``t.shape[:-1]``, or
         a concrete ``y`` lies outside ``0..k−1``.
     """
-    t = _checks.float_array(t, "t", min_ndim=1)
+    t = arguments.float_array(t, "t", min_ndim=1)
     k = t.shape[-1]
     if k == 0:
         raise ValueError(f"cross_entropy_loss: t must have at least one class (logit), "
                          f"got shape {t.shape}")
-    y = _checks.labels(y, "y")
+    y = arguments.labels(y, "y", k)   # range checked when y is concrete (also if closed over by jit)
     if y.shape != t.shape[:-1]:
         raise ValueError(f"cross_entropy_loss: y must have shape t.shape[:-1] = {t.shape[:-1]} "
                          f"(one class index per row of logits t {t.shape}), got y {y.shape}")
-    y = _checks.labels(y, "y", k)   # range checked when y is concrete (also if closed over by jit)
-    return {"t": t, "y": y}
+    return apply(_cross_entropy, t, y)
+
+
+declare(cross_entropy_loss, core=_cross_entropy, num_arrays=2,
+        reference=reference.cross_entropy_loss,
+        examples=lambda rng: [(normal(rng, k), np.int32(k // 2)) for k in (5, 16)],
+        family="losses", section="cross-entropy-loss",
+        shapes="logits `(k,)`, integer `y` in `0..k−1`", backward="`(softmax(t) − e_y) v`")

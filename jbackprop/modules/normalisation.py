@@ -23,8 +23,13 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from jbackprop import _checks
-from jbackprop._module import module
+from jbackprop import reference
+from jbackprop.modules import arguments
+from jbackprop.modules.registry import declare, normal
+from jbackprop.modules.wiring import apply
+
+# The public modules, re-exported by jbackprop.
+__all__ = ["layer_norm_s", "layer_norm"]
 
 
 def _standardise(z, eps):
@@ -109,14 +114,13 @@ _layer_norm.defvjp(_layer_norm_fwd, _layer_norm_bwd)
 
 # --- public modules --------------------------------------------------------------------------
 def _z_and_eps(z, eps, name):
-    z = _checks.float_array(z, "z", min_ndim=1)
+    z = arguments.float_array(z, "z", min_ndim=1)
     if z.shape[-1] == 0:
         raise ValueError(f"{name}: z's last axis (the features) must not be empty, "
                          f"got shape {z.shape}")
-    return z, _checks.static_number(eps, "eps", low=0)
+    return z, arguments.static_number(eps, "eps", low=0)
 
 
-@module(_layer_norm_s, static_args=("eps",))
 def layer_norm_s(z, eps=1e-5):
     r"""LN-S (7.40): ``(z − μ̂)/σ̂`` over the last axis, ``σ̂ = sqrt(mean((z − μ̂)²) + ε)``.
 
@@ -136,10 +140,20 @@ def layer_norm_s(z, eps=1e-5):
         number ``≥ 0``.
     """
     z, eps = _z_and_eps(z, eps, "layer_norm_s")
-    return {"z": z, "eps": eps}
+    return apply(_layer_norm_s, z, eps=eps)
 
 
-@module(_layer_norm, batch_args=("z",), static_args=("eps",))
+def _rows(rng):
+    """Rows at two shapes, with a non-zero mean (which LN removes)."""
+    return [normal(rng, 7, 5) + 0.5, normal(rng, 3, 4, 16) - 0.3]
+
+
+declare(layer_norm_s, core=_layer_norm_s, reference=reference.layer_norm_s,
+        examples=lambda rng: [(z,) for z in _rows(rng)], family="normalisation",
+        section="ln-s", shapes="over the last axis, any leading axes",
+        backward="`(1/σ̂)(v − mean v − x̂ mean(v⊙x̂))`", layer="LayerNormS")
+
+
 def layer_norm(params, z, eps=1e-5):
     r"""Layer normalisation LN (7.41): ``β + γ · LN-S(z)`` over the last axis.
 
@@ -155,8 +169,7 @@ def layer_norm(params, z, eps=1e-5):
 
     Args:
       params: ``{"beta": ..., "gamma": ...}``, each of shape ``()`` (a scalar, as in the
-        notes) or ``(m,)`` (one per feature); they may differ. Both are cast to their common
-        dtype.
+        notes) or ``(m,)`` (one per feature); they may differ.
       z: ``(m,)``, or ``(..., m)`` with leading batch axes.
       eps: static ``ε ≥ 0`` added to the variance (see ``layer_norm_s``).
 
@@ -167,7 +180,13 @@ def layer_norm(params, z, eps=1e-5):
       TypeError / ValueError: wrong keys, shapes or dtypes of ``params``, ``z`` of rank 0 or
         not floating, ``eps`` not a number ``≥ 0``.
     """
-    p = _checks.params_dict(params, "params", ("beta", "gamma"))
+    params, z, eps = _layer_norm_arguments(params, z, eps)
+    return apply(_layer_norm, params, z, batch_argnums=(1,), eps=eps)
+
+
+def _layer_norm_arguments(params, z, eps):
+    """Check ``layer_norm``'s arguments (trace time) and cast them to their common dtype."""
+    p = arguments.params_dict(params, "params", ("beta", "gamma"))
     z, eps = _z_and_eps(z, eps, "layer_norm")
     m = z.shape[-1]
     for k in ("beta", "gamma"):
@@ -175,7 +194,18 @@ def layer_norm(params, z, eps=1e-5):
             raise ValueError(f"layer_norm: params[{k!r}] must have shape () (a scalar, as in "
                              f"the notes) or ({m},) (one per feature of z, shape {z.shape}), "
                              f"got {p[k].shape}")
-    if p["beta"].dtype != p["gamma"].dtype:
-        dtype = jnp.result_type(p["beta"], p["gamma"])
-        p = {k: a.astype(dtype) for k, a in p.items()}
-    return {"params": p, "z": z, "eps": eps}
+    return (*arguments.promote(p, z), eps)
+
+
+def _per_feature_init(key, in_shape, dtype):
+    """β = 0, γ = 1, one of each per feature."""
+    return {"beta": jnp.zeros(in_shape[-1:], dtype), "gamma": jnp.ones(in_shape[-1:], dtype)}
+
+
+declare(layer_norm, core=_layer_norm, num_arrays=2, reference=reference.layer_norm,
+        examples=lambda rng: [({"beta": normal(rng, 5), "gamma": normal(rng, 5)}, z)
+                              if z.shape[-1] == 5 else ({"beta": normal(rng), "gamma": normal(rng)}, z)
+                              for z in _rows(rng)],
+        family="normalisation", section="ln",
+        shapes="`{\"beta\": () or (m,), \"gamma\": () or (m,)}`, `z (..., m)`",
+        backward="as LN-S with `γ⊙v`; `Σ v⊙x̂`, `Σ v`", layer="LayerNorm", init=_per_feature_init)

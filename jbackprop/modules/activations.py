@@ -13,12 +13,28 @@ import math
 import jax
 import jax.numpy as jnp
 
-from jbackprop import _checks
-from jbackprop._module import module
+from jbackprop import reference
+from jbackprop.modules import arguments
+from jbackprop.modules.registry import away_from, declare
+from jbackprop.modules.wiring import apply
+
+# The public modules, re-exported by jbackprop.
+__all__ = ["relu", "sigmoid", "tanh", "leaky_relu", "gelu", "softplus", "elu"]
 
 
 def _z(z):
-    return {"z": _checks.float_array(z, "z")}
+    return arguments.float_array(z, "z")
+
+
+def _examples(rng):
+    """Two shapes (any shape is accepted), away from the kinks at 0."""
+    return [(away_from(rng, (7, 5)),), (away_from(rng, (3, 4, 16)),)]
+
+
+def _declare(fn, core, layer, backward, kinks="", hyper=({},)):
+    declare(fn, core=core, reference=getattr(reference, fn.__name__), examples=_examples,
+            family="activations", section=fn.__name__.replace("_", "-"), shapes="any shape",
+            backward=backward, kinks=kinks, hyper=hyper, layer=layer)
 
 
 # --- ReLU: σ(z) = max(z, 0), σ'(z) = 1{z > 0} (0 at z = 0, as jax.nn.relu) ---------------
@@ -38,11 +54,13 @@ def _relu_bwd(mask, v):
 _relu.defvjp(_relu_fwd, _relu_bwd)
 
 
-@module(_relu)
 def relu(z):
     """ReLU ``max(z, 0)``; backward ``1{z > 0} ⊙ v``. Residual: the mask ``z > 0`` (bool, one
     byte per element). Any shape."""
-    return _z(z)
+    return apply(_relu, _z(z))
+
+
+_declare(relu, _relu, "Relu", "`1{z > 0} ⊙ v`", kinks="z = 0: σ' = 0 (as `jax.nn.relu`)")
 
 
 # --- sigmoid: σ(z) = 1/(1 + e^{-z}), σ' = σ(1 − σ) --------------------------------------
@@ -63,10 +81,12 @@ def _sigmoid_bwd(s, v):
 _sigmoid.defvjp(_sigmoid_fwd, _sigmoid_bwd)
 
 
-@module(_sigmoid)
 def sigmoid(z):
     """Sigmoid ``1/(1 + e^{-z})``; backward ``σ(z)(1 − σ(z)) ⊙ v``. Residual: the output."""
-    return _z(z)
+    return apply(_sigmoid, _z(z))
+
+
+_declare(sigmoid, _sigmoid, "Sigmoid", "`σ(z)(1 − σ(z)) ⊙ v`")
 
 
 # --- tanh: σ' = 1 − tanh² ---------------------------------------------------------------
@@ -87,10 +107,12 @@ def _tanh_bwd(t, v):
 _tanh.defvjp(_tanh_fwd, _tanh_bwd)
 
 
-@module(_tanh)
 def tanh(z):
     """tanh; backward ``(1 − tanh²(z)) ⊙ v``. Residual: the output. Any shape."""
-    return _z(z)
+    return apply(_tanh, _z(z))
+
+
+_declare(tanh, _tanh, "Tanh", "`(1 − tanh²(z)) ⊙ v`")
 
 
 # --- leaky ReLU: max(z, γz), σ' = 1 if z > 0 else γ --------------------------------------
@@ -111,14 +133,17 @@ def _leaky_relu_bwd(gamma, u, v):
 _leaky_relu.defvjp(_leaky_relu_fwd, _leaky_relu_bwd)
 
 
-@module(_leaky_relu, static_args=("gamma",))
 def leaky_relu(z, gamma=0.01):
     """Leaky ReLU ``max(z, γz)``, ``γ ∈ (0, 1]`` static; backward ``(1 if z > 0 else γ) ⊙ v``.
 
     Residual: the output. The slides use γ = 0.1; the default 0.01 is jax.nn's.
     """
-    return {**_z(z), "gamma": _checks.static_number(gamma, "gamma", low=0, high=1,
-                                                    low_open=True)}
+    gamma = arguments.static_number(gamma, "gamma", low=0, high=1, low_open=True)
+    return apply(_leaky_relu, _z(z), gamma=gamma)
+
+
+_declare(leaky_relu, _leaky_relu, "LeakyRelu", "`(1 if z > 0 else γ) ⊙ v`",
+         kinks="z = 0: σ' = γ", hyper=({"gamma": 0.1},))
 
 
 # --- GELU: z Φ(z), σ' = Φ(z) + z φ(z); tanh form: z/2 (1 + tanh(c (z + a z³))) ----------
@@ -155,7 +180,6 @@ def _gelu_bwd(approximate, z, v):
 _gelu.defvjp(_gelu_fwd, _gelu_bwd)
 
 
-@module(_gelu, static_args=("approximate",))
 def gelu(z, approximate=False):
     """GELU ``z Φ(z)``; ``approximate=True`` is the tanh form of BERT/GPT. Residual: ``z``.
 
@@ -164,7 +188,11 @@ def gelu(z, approximate=False):
     """
     if not isinstance(approximate, bool):
         raise TypeError(f"approximate must be a bool, got {type(approximate).__name__}")
-    return {**_z(z), "approximate": approximate}
+    return apply(_gelu, _z(z), approximate=approximate)
+
+
+_declare(gelu, _gelu, "Gelu", "`(Φ(z) + z φ(z)) ⊙ v` (tanh form: its derivative)",
+         hyper=({}, {"approximate": True}))
 
 
 # --- softplus: (1/β) log(1 + e^{βz}), σ' = sigmoid(βz) ------------------------------------
@@ -184,13 +212,16 @@ def _softplus_bwd(beta, z, v):
 _softplus.defvjp(_softplus_fwd, _softplus_bwd)
 
 
-@module(_softplus, static_args=("beta",))
 def softplus(z, beta=1.0):
     """Softplus ``(1/β) log(1 + e^{βz})``, ``β > 0`` static; backward ``sigmoid(βz) ⊙ v``.
 
     Residual: ``z``. Stable for any ``|βz|``.
     """
-    return {**_z(z), "beta": _checks.static_number(beta, "beta", low=0, low_open=True)}
+    beta = arguments.static_number(beta, "beta", low=0, low_open=True)
+    return apply(_softplus, _z(z), beta=beta)
+
+
+_declare(softplus, _softplus, "Softplus", "`sigmoid(βz) ⊙ v`", hyper=({"beta": 2.0},))
 
 
 # --- ELU: z if z ≥ 0 else α(e^z − 1), σ' = 1 if z ≥ 0 else α e^z ---------------------------
@@ -210,11 +241,14 @@ def _elu_bwd(alpha, z, v):
 _elu.defvjp(_elu_fwd, _elu_bwd)
 
 
-@module(_elu, static_args=("alpha",))
 def elu(z, alpha=1.0):
     """ELU ``z`` if ``z ≥ 0`` else ``α(e^z − 1)``, ``α ≥ 0`` static; backward
     ``(1 if z ≥ 0 else α e^z) ⊙ v``. Residual: ``z``."""
-    return {**_z(z), "alpha": _checks.static_number(alpha, "alpha", low=0)}
+    return apply(_elu, _z(z), alpha=arguments.static_number(alpha, "alpha", low=0))
+
+
+_declare(elu, _elu, "Elu", "`(1 if z ≥ 0 else α e^z) ⊙ v`",
+         kinks="z = 0 when α ≠ 1: σ' = 1", hyper=({"alpha": 0.7},))
 
 
 # --- the backward from the output, for composite modules --------------------------------------

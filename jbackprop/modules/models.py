@@ -16,10 +16,15 @@ import jax
 import jax.numpy as jnp
 from jax import tree_util
 
-from jbackprop import _checks, combinators as cb
-from jbackprop._module import module
-from jbackprop.activations import backward_from_output, relu
-from jbackprop.linear import mm
+from jbackprop import reference
+from jbackprop.modules import arguments, combinators as cb
+from jbackprop.modules.activations import backward_from_output, relu
+from jbackprop.modules.linear import mm
+from jbackprop.modules.registry import declare, normal, reference_of
+from jbackprop.modules.wiring import apply
+
+# The public modules, re-exported by jbackprop.
+__all__ = ["residual", "mlp_init", "mlp", "resnet_s_init", "resnet_s", "conv_net"]
 
 
 def _vjp_of(activation: Callable) -> Callable:
@@ -63,7 +68,6 @@ def _residual_bwd(activation, res, v):
 _residual.defvjp(_residual_fwd, _residual_bwd)
 
 
-@module(_residual, batch_args=("z",), static_args=("activation",))
 def residual(params, z, activation=relu):
     """Residual block ``z + σ(MM2(σ(MM1(z))))`` with ``B[Res, z](v) = v + B[inner, z](v)``.
 
@@ -77,17 +81,50 @@ def residual(params, z, activation=relu):
       z: ``(m,)`` or ``(..., m)``.
       activation: a jbackprop activation, static (default ``jb.relu``).
     """
+    params, z = _residual_arguments(params, z, activation)
+    return apply(_residual, params, z, batch_argnums=(1,), activation=activation)
+
+
+def _residual_arguments(params, z, activation):
+    """Check ``residual``'s arguments (trace time) and cast them to their common dtype."""
     if not isinstance(params, dict) or set(params) != {"mm1", "mm2"}:
         raise ValueError(f"residual: params must be a dict with keys ['mm1', 'mm2'], got "
                          f"{sorted(params) if isinstance(params, dict) else type(params).__name__}")
-    z = _checks.float_array(z, "z", min_ndim=1)
+    z = arguments.float_array(z, "z", min_ndim=1)
     _vjp_of(activation)
+    checked = {}
     for name in ("mm1", "mm2"):
-        W = _checks.params_dict(params[name], f"params[{name!r}]", ("W",), ("b",))["W"]
+        checked[name] = arguments.params_dict(params[name], f"params[{name!r}]", ("W",), ("b",))
+        W = checked[name]["W"]
         if W.shape != (z.shape[-1],) * 2:
             raise ValueError(f"residual: params[{name!r}]['W'] must be square ({z.shape[-1]}, "
                              f"{z.shape[-1]}) to keep the width of z {z.shape}, got {W.shape}")
-    return {"params": params, "z": z, "activation": activation}
+    return arguments.promote(checked, z)
+
+
+def _block_init(key, in_shape, dtype, gain=1.0):
+    """He-initialised MM1 and MM2 of width ``in_shape[-1]`` (MM2 scaled by ``gain``)."""
+    k1, k2 = jax.random.split(key)
+    m = in_shape[-1]
+    return {"mm1": cb.Dense(m, dtype=dtype).init(k1, (m,)),
+            "mm2": cb.Dense(m, dtype=dtype, gain=gain).init(k2, (m,))}
+
+
+def _residual_reference(params, z, activation=relu):
+    return reference.residual(params, z, reference_of(activation))
+
+
+def _square(rng, m):
+    return {"W": normal(rng, m, m, scale=0.5), "b": normal(rng, m)}
+
+
+declare(residual, core=_residual, num_arrays=2, reference=_residual_reference,
+        examples=lambda rng: [({"mm1": _square(rng, m), "mm2": _square(rng, m)}, normal(rng, m))
+                              for m in (5, 16)],
+        family="models", section="residual-block",
+        shapes="`{\"mm1\": MM, \"mm2\": MM}` square: `z + σ(MM2(σ(MM1(z))))`",
+        backward="`v + B[inner, z](v)`", layer="ResidualBlock", init=_block_init,
+        kinks="those of σ (ReLU: where a pre-activation is 0)")
 
 
 def mlp_init(key: jax.Array, sizes: Sequence[int], dtype=jnp.float32) -> list[dict]:
@@ -103,7 +140,18 @@ def mlp_init(key: jax.Array, sizes: Sequence[int], dtype=jnp.float32) -> list[di
 
 
 def mlp(params: Sequence[dict], x: jax.Array, activation: Callable = relu) -> jax.Array:
-    """``a[k] = σ(W[k] a[k−1] + b[k])`` for hidden layers; the last layer is linear (7.36)."""
+    """``a[k] = σ(W[k] a[k−1] + b[k])`` for hidden layers; the last layer is linear (7.36).
+
+    Args:
+      params: a non-empty list (or tuple) of MM parameters ``{"W": (n, m), "b": (n,)}``, first
+        layer first (``mlp_init``).
+      x: one example ``(d,)``, or ``(..., d)`` with leading batch axes.
+      activation: a jbackprop activation (default ``jb.relu``).
+    """
+    if not isinstance(params, (list, tuple)) or not params:
+        raise TypeError(f"mlp: params must be a non-empty list of layers [{{'W': ..., 'b': ...}}, "
+                        f"...] (as from jb.mlp_init), got "
+                        f"{type(params).__name__ if params else 'an empty ' + type(params).__name__}")
     for p in params[:-1]:
         x = activation(mm(p, x))
     return mm(params[-1], x)
@@ -134,10 +182,55 @@ def resnet_s_init(key, in_dim: int, width: int, depth: int, out_dim: int, dtype=
 
 
 def resnet_s(params: dict, x: jax.Array, activation: Callable = relu) -> jax.Array:
-    """ResNet-S ``MM(Res(· · · Res(x)))`` (7.39), the blocks scanned over stacked parameters."""
+    """ResNet-S ``MM(Res(· · · Res(x)))`` (7.39), the blocks scanned over stacked parameters.
+
+    Args:
+      params: ``{"blocks": stacked residual parameters, "head": MM}`` and, when the input width
+        differs from the blocks' width, ``"proj": MM`` (``resnet_s_init``).
+      x: one example ``(d,)``, or ``(..., d)`` with leading batch axes.
+      activation: a jbackprop activation (default ``jb.relu``).
+    """
+    if not isinstance(params, dict) or not {"blocks", "head"} <= set(params) \
+            or not set(params) <= {"proj", "blocks", "head"}:
+        raise ValueError(f"resnet_s: params must be a dict with keys ['blocks', 'head'] "
+                         f"(optionally 'proj'), as from jb.resnet_s_init; got "
+                         f"{sorted(params) if isinstance(params, dict) else type(params).__name__}")
     z = mm(params["proj"], x) if "proj" in params else x
     z, _ = jax.lax.scan(lambda z, p: (residual(p, z, activation), None), z, params["blocks"])
     return mm(params["head"], z)
+
+
+def _model_reference(model):
+    """The reference of a model composed with ``activation``: the activation's reference."""
+    return lambda params, x, activation=relu: model(params, x, reference_of(activation))
+
+
+def _mlp_example(rng, sizes):
+    return [{"W": normal(rng, n, m, scale=(2 / m) ** 0.5), "b": normal(rng, n, scale=0.1)}
+            for m, n in zip(sizes[:-1], sizes[1:])]
+
+
+def _resnet_s_example(rng, in_dim, width, depth, out_dim):
+    """Blocks strong enough to matter: MM2 at 1.5 × the He scale."""
+    stack = lambda scale: {"W": normal(rng, depth, width, width, scale=scale),
+                           "b": normal(rng, depth, width, scale=0.1)}
+    blocks = {"mm1": stack((2 / width) ** 0.5), "mm2": stack(1.5 * (2 / width) ** 0.5)}
+    return {"proj": _mlp_example(rng, [in_dim, width])[0], "blocks": blocks,
+            "head": _mlp_example(rng, [width, out_dim])[0]}
+
+
+declare(mlp, reference=_model_reference(reference.mlp),
+        examples=lambda rng: [(_mlp_example(rng, [5, 8, 6, 3]), normal(rng, 5)),
+                              (_mlp_example(rng, [12, 16, 4]), normal(rng, 12))],
+        family="models", section="mlp", uses=(mm.core, relu.core),
+        shapes="`[{\"W\", \"b\"}, …]` (`mlp_init`), `x (d,)`; last layer linear",
+        backward="composed: Algorithm 3", kinks="those of σ")
+declare(resnet_s, reference=_model_reference(reference.resnet_s),
+        examples=lambda rng: [(_resnet_s_example(rng, 5, 6, 3, 3), normal(rng, 5)),
+                              (_resnet_s_example(rng, 4, 8, 2, 2), normal(rng, 4))],
+        family="models", section="resnet-s", uses=(mm.core, residual.core),
+        shapes="`{\"proj\", \"blocks\", \"head\"}` (`resnet_s_init`), `x (d,)`",
+        backward="composed; blocks in `lax.scan`", kinks="those of σ")
 
 
 def conv_net(channels: int = 16, k: int = 3, num_classes: int = 10, conv: str = "1d",

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from jbackprop import bench_models
+from jbackprop.bench import models as bench_models
 
 
 def ratios(record: dict) -> dict:

@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jbackprop.check_report import Check, Comparison, Leaf, Report, Taylor, saved_residuals
+from jbackprop.check.report import Check, Comparison, Leaf, Report, Taylor, saved_residuals
 
 # Relative tolerance of a hand-written cotangent against autodiff, by the dtype it is computed in.
 TOLERANCES = {"float64": 1e-9, "float32": 1e-4, "float16": 5e-3, "bfloat16": 3e-2}

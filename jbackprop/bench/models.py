@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 
 import jbackprop as jb
-from jbackprop import combinators as cb
+from jbackprop.modules import combinators as cb
 from jbackprop import reference
 
 LIBS = {"manual": jb, "autodiff": reference}

@@ -1,0 +1,11 @@
+"""Verification of hand-written VJPs.
+
+* ``verify_vjp`` (``engine.py``): one function's VJP against independent evidence, as a report;
+* ``jbackprop.check.report``: the report (per-leaf rows, whole-function checks, table, JSON);
+* ``jbackprop.check.cases``: the library's own cases, from the module registry, run by
+  ``jbackprop check`` and by the test-suite.
+"""
+from jbackprop.check.engine import ALL_CHECKS, FD_TOL, TOLERANCES, verify_vjp
+from jbackprop.check.report import Report
+
+__all__ = ["verify_vjp", "Report", "ALL_CHECKS", "TOLERANCES", "FD_TOL"]
