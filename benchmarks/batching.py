@@ -1,4 +1,4 @@
-"""Quick benchmark of the batching design (issue 2): a vmapped per-example MLP with hand-written
+"""Quick benchmark of the batching design: a vmapped per-example MLP with hand-written
 backwards against ``jax.grad`` of the same MLP written on a batch, and against a plain
 ``custom_vjp`` MM without the batching dispatch (the design we rejected).
 

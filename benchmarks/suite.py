@@ -1,4 +1,4 @@
-"""The benchmark suite of issue 5, as a script: the same as ``jbackprop bench`` (same options).
+"""The benchmark suite, as a script: the same as ``jbackprop bench`` (same options).
 
     python benchmarks/suite.py [--config mlp-large ...] [--quick] [--json bench.json] [--plot PNG]
 

@@ -11,9 +11,12 @@ only this file changes.
 * ``shaped_array``: the abstract value of one output of the primitive.
 * ``custom_vjp_rules``: the forward rule, backward rule and non-differentiable argument
   positions stored on a ``jax.custom_vjp`` function (for ``M.vjp`` / ``M.backward``).
+* ``enable_x64``: the context manager that turns on float64 (``jax.enable_x64`` from JAX 0.8,
+  ``jax.experimental.enable_x64`` before).
 """
 from __future__ import annotations
 
+import jax
 from jax.core import ShapedArray, Tracer
 from jax.extend.core import Primitive
 from jax.interpreters import ad, batching, mlir
@@ -21,7 +24,7 @@ from jax.interpreters import ad, batching, mlir
 OLDEST_TESTED_JAX = "0.7.0"
 
 __all__ = ["Primitive", "ad", "batching", "mlir", "Tracer", "shaped_array", "custom_vjp_rules",
-           "OLDEST_TESTED_JAX"]
+           "OLDEST_TESTED_JAX", "enable_x64"]
 
 
 def shaped_array(struct) -> ShapedArray:
@@ -35,3 +38,11 @@ def custom_vjp_rules(core):
     import inspect
     names = list(inspect.signature(core.fun).parameters)
     return core.fwd, core.bwd, tuple(core.nondiff_argnums), names
+
+
+def enable_x64(on: bool = True):
+    """Float64 on (or off) inside a ``with`` block."""
+    if hasattr(jax, "enable_x64"):
+        return jax.enable_x64(on)
+    from jax.experimental import enable_x64 as legacy   # JAX < 0.8
+    return legacy(on)

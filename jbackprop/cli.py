@@ -1,13 +1,16 @@
-"""The ``jbackprop`` command line: ``jbackprop check`` verifies every hand-written backward;
-``jbackprop train`` trains a model with them; ``jbackprop bench`` times them against
-``jax.grad``."""
+"""The ``jbackprop`` command line (also ``python -m jbackprop``): ``jbackprop check`` verifies every
+hand-written backward; ``jbackprop train`` trains a model with them (it needs
+``pip install "jbackprop[cli]"``); ``jbackprop bench`` times them against ``jax.grad``."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
 import time
+
+from jbackprop.train.loop import Config
 
 
 def _check(args: argparse.Namespace) -> int:
@@ -37,9 +40,7 @@ def _check(args: argparse.Namespace) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
-    import dataclasses
     from jbackprop.train import trainer
-    from jbackprop.train import Config
 
     if args.resume:
         try:
@@ -53,13 +54,12 @@ def _train(args: argparse.Namespace) -> int:
             cfg = dataclasses.replace(cfg, devices=args.devices)
         print(f"resuming {out} at its saved configuration: {saved}")
     else:
-        noise = args.input_noise if args.input_noise is not None else (0.6 if args.dataset == "digits" else 0.0)
+        if args.input_noise is None:   # Config's noise suits the digits; the others get none
+            args.input_noise = Config.input_noise if args.dataset == "digits" else 0.0
+        if args.devices is None:
+            args.devices = Config.devices
         try:   # Config refuses numbers that cannot train, naming the field
-            cfg = Config(model=args.model, dataset=args.dataset, optimizer=args.optimizer, lr=args.lr,
-                         batch_size=args.batch_size, epochs=args.epochs, seed=args.seed,
-                         backward=args.backward, width=args.width, depth=args.depth,
-                         weight_decay=args.weight_decay, input_noise=noise,
-                         devices=1 if args.devices is None else args.devices)
+            cfg = Config(**{f.name: getattr(args, f.name) for f in dataclasses.fields(Config)})
         except ValueError as e:
             print(f"jbackprop train: {e}", file=sys.stderr)
             return 2
@@ -72,7 +72,7 @@ def _train(args: argparse.Namespace) -> int:
         return 3
     except KeyboardInterrupt:
         return 130
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, FileNotFoundError, ImportError) as e:   # ImportError: the cli extra
         print(f"jbackprop train: {e}", file=sys.stderr)
         return 2
     final, metric = metrics["final"], metrics["metric"]
@@ -99,37 +99,55 @@ def main(argv=None) -> int:
     p = sub.add_parser("check", help="verify every module's hand-written backward against "
                                      "autodiff of a pure-jnp reference, finite differences, a "
                                      "Taylor test, and under jit, vmap and reverse-over-reverse")
-    p.add_argument("--module", help="only cases whose name contains this (e.g. conv, mm)")
-    p.add_argument("--dtype", choices=["float32", "float64", "all"], default="all")
+    p.add_argument("--module", help="only cases whose name contains this (e.g. conv, mm; "
+                                    "default: all)")
+    p.add_argument("--dtype", choices=["float32", "float64", "all"], default="all",
+                   help="default: %(default)s (both)")
     p.add_argument("--json", metavar="PATH", help="also write the reports as JSON")
     p.add_argument("--jobs", type=int, default=min(4, os.cpu_count() or 1),
                    help="worker processes (default: cores, at most 4)")
     p.set_defaults(run=_check)
 
+    # every field of Config is a flag (--batch-size for batch_size), its default Config's
     t = sub.add_parser("train", help="train a model with the hand-written backwards (default: "
-                                     "an MLP on scikit-learn's handwritten digits)")
-    t.add_argument("--model", choices=["mlp", "resnet-s", "cnn"], default="mlp")
-    t.add_argument("--dataset", default="digits", help="digits | xor | housing | PATH.npz "
-                   "(arrays x_train, y_train, x_test, y_test)")
-    t.add_argument("--optimizer", choices=["sgd", "momentum", "adam"], default="adam")
-    t.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (cosine decay)")
-    t.add_argument("--batch-size", type=int, default=32)
-    t.add_argument("--epochs", type=int, default=100)
-    t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--backward", choices=["manual", "autodiff"], default="manual",
+                                     "an MLP on scikit-learn's handwritten digits; needs "
+                                     'pip install "jbackprop[cli]")')
+    t.add_argument("--model", choices=["mlp", "resnet-s", "cnn"], default=Config.model,
+                   help="default: %(default)s")
+    t.add_argument("--dataset", default=Config.dataset, help="digits | xor | housing | PATH.npz "
+                   "(arrays x_train, y_train, x_test, y_test); default: %(default)s")
+    t.add_argument("--optimizer", choices=["sgd", "momentum", "adam"], default=Config.optimizer,
+                   help="adam is AdamW (decoupled weight decay); default: %(default)s")
+    t.add_argument("--lr", type=float, default=Config.lr,
+                   help="peak learning rate (see --schedule); default: %(default)s")
+    t.add_argument("--schedule", choices=["cosine", "constant"], default=Config.schedule,
+                   help="learning rate: cosine decay from --lr to 0 over the run, or constant; "
+                        "default: %(default)s")
+    t.add_argument("--batch-size", type=int, default=Config.batch_size, help="default: %(default)s")
+    t.add_argument("--epochs", type=int, default=Config.epochs, help="default: %(default)s")
+    t.add_argument("--seed", type=int, default=Config.seed,
+                   help="initialisation, batches and noise (a seed reproduces a run exactly); "
+                        "default: %(default)s")
+    t.add_argument("--backward", choices=["manual", "autodiff"], default=Config.backward,
                    help="manual: jbackprop's hand-written rules; autodiff: jax.grad of the "
-                        "pure-jnp reference of the same model")
-    t.add_argument("--width", type=int, default=256)
-    t.add_argument("--depth", type=int, default=3, help="ResNet-S residual blocks")
-    t.add_argument("--weight-decay", type=float, default=1e-4)
+                        "pure-jnp reference of the same model; default: %(default)s")
+    t.add_argument("--width", type=int, default=Config.width,
+                   help="hidden units (MLP, ResNet-S); default: %(default)s")
+    t.add_argument("--depth", type=int, default=Config.depth,
+                   help="ResNet-S residual blocks; default: %(default)s")
+    t.add_argument("--weight-decay", type=float, default=Config.weight_decay,
+                   help="default: %(default)s")
     t.add_argument("--input-noise", type=float, default=None,
-                   help="std of Gaussian noise on training inputs (default 0.6 for digits, else 0)")
+                   help="std of Gaussian noise on training inputs (default "
+                        f"{Config.input_noise} for digits, else 0)")
     t.add_argument("--out", metavar="DIR", help="output folder (default runs/MODEL-DATASET)")
-    t.add_argument("--resume", metavar="DIR", help="continue the run saved in DIR")
+    t.add_argument("--resume", metavar="DIR", help="continue the run saved in DIR, with its saved "
+                                                   "configuration (only --devices may change)")
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
     t.add_argument("--devices", type=int, default=None, metavar="N",
-                   help="data parallel over N devices (default 1; --batch-size must be a "
-                        "multiple of N; on CPU set XLA_FLAGS=--xla_force_host_platform_device_count=N)")
+                   help=f"data parallel over N devices (default {Config.devices}; --batch-size "
+                        "must be a multiple of N; on CPU set "
+                        "XLA_FLAGS=--xla_force_host_platform_device_count=N)")
     t.set_defaults(run=_train)
 
     b = sub.add_parser("bench", help="time whole training steps with the hand-written backward "

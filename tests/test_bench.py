@@ -3,18 +3,17 @@
 No timing is asserted here (timings live in the benchmark's own output, not in unit tests):
 these tests check that every configuration's manual and autodiff versions compute the same
 mathematics, that the harness measures what it says, and that the command writes its table,
-JSON and chart.
+JSON and chart. The optional PyTorch / Equinox columns are tested in test_bench_external.py.
 """
 import json
 
+import chex
 import jax
 import jax.numpy as jnp
-import numpy as np
 import pytest
 
 from jbackprop import cli
-from jbackprop.bench import external as bench_external, harness as bench, models as bench_models
-from tests.helpers import assert_close
+from jbackprop.bench import harness as bench, models as bench_models
 
 
 @pytest.mark.parametrize("config", bench_models.CONFIGS, ids=lambda c: c.name)
@@ -27,8 +26,8 @@ def test_versions_compute_the_same_loss_and_gradient(config):
     ref_value, ref_grad = jax.value_and_grad(p.losses["autodiff"])(params, x, p.y)
     for version, loss in p.losses.items():
         value, grad = jax.jit(jax.value_and_grad(loss))(params, x, p.y)
-        assert_close(value, ref_value, rel=1e-12, what=f"{config.name} {version} loss")
-        assert_close(grad, ref_grad, rel=1e-10, what=f"{config.name} {version} gradient")
+        chex.assert_trees_all_close(value, ref_value, rtol=1e-12, atol=0)
+        chex.assert_trees_all_close(grad, ref_grad, rtol=1e-10, atol=1e-12)
 
 
 def test_matmul_flops_of_the_large_mlp():
@@ -57,11 +56,13 @@ def test_interleaved_medians_interleave_and_take_medians():
 
 
 def test_compile_timed_reports_temporary_memory():
-    """An executable that needs a scratch array reports it: (n, n) intermediate, scalar out."""
+    """An executable that needs a scratch array reports it: (n, n) float64 intermediate, scalar
+    out. (XLA's CPU client has ``memory_analysis()``, so CI sees a number, not None.)"""
     n = 256
     _, seconds, temp = bench.compile_timed(lambda a: jnp.sum(jnp.sin(a @ a) @ a), jnp.ones((n, n)))
     assert seconds > 0
-    assert temp is None or temp >= n * n * 8
+    assert temp is not None
+    assert temp >= n * n * 8
 
 
 def test_cli_bench_quick_writes_table_json_and_chart(tmp_path, capsys):
@@ -94,14 +95,3 @@ def test_cli_bench_quick_writes_table_json_and_chart(tmp_path, capsys):
 def test_cli_bench_unknown_config_exits_2(capsys):
     assert cli.main(["bench", "--quick", "--config", "nope", "--no-compile-depth"]) == 2
     assert "unknown configuration" in capsys.readouterr().err
-
-
-def test_external_columns_only_when_installed():
-    """PyTorch / Equinox columns are optional: absent libraries give no column, not an error."""
-    p = bench_models.select(["mlp-small"])[0].build(True)
-    have = bench_external.available()
-    steps = bench_external.steps(p.spec, np.asarray(p.x), np.asarray(p.y))
-    assert ("torch eager" in steps) == bool(have["torch"])
-    assert ("equinox" in steps) == bool(have["equinox"])
-    for step in steps.values():
-        step()

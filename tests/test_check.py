@@ -45,9 +45,30 @@ def test_works_without_reference_and_with_a_separate_backward():
     assert r.passed and r.residual_bytes is None
 
 
-def test_float32_uses_float32_tolerances():
-    r = verify_vjp(jb.sigmoid, jnp.array([0.5, -1.0], jnp.float32), reference=ref.sigmoid)
-    assert r.passed and r.dtype == "float32" and r.leaves[0].autodiff.tol == 1e-4
+def _planted(delta):
+    """``jb.sigmoid``'s hand-written backward with a planted relative error ``delta``."""
+    return lambda z, v: tuple(c * (1 + delta) for c in jb.backward(jb.sigmoid)(z, v))
+
+
+# The parts judged at the working dtype's tolerance (Taylor and reverse-over-reverse run the
+# backward in float64, where a 1e-6 mistake is visible whatever the working dtype).
+WORKING_DTYPE_PARTS = ("autodiff", "finite_differences", "adjoint")
+
+
+@pytest.mark.parametrize("dtype, delta, passes", [
+    ("float32", 0.0, True),
+    ("float32", 1e-6, True),     # ~16 float32 round-offs: not evidence of a mistake
+    ("float32", 1e-3, False),    # far beyond float32 round-off: a mistake
+    ("float64", 1e-6, False),    # the same 1e-6 is a mistake in float64
+])
+def test_tolerance_by_dtype_separates_round_off_from_mistakes(dtype, delta, passes):
+    z = jnp.array([0.5, -1.0, 2.0], dtype)
+    r = verify_vjp(jb.sigmoid, z, reference=ref.sigmoid, backward=_planted(delta),
+                   checks=WORKING_DTYPE_PARTS)
+    assert r.dtype == dtype
+    assert r.passed is passes, r.failures()
+    measured = r.leaves[0].autodiff.error      # the report measures the planted error itself
+    assert measured == pytest.approx(delta, rel=0.05, abs=8 * float(jnp.finfo(dtype).eps))
 
 
 def test_assert_vjp_correct_message_names_leaf_index_values_and_tolerance():
@@ -70,7 +91,16 @@ def test_bad_arguments():
         verify_vjp(jb.relu, jnp.ones(2), checks=("autodiff", "nope"))
     with pytest.raises(ValueError, match="no floating-point argument"):
         verify_vjp(lambda y: y * 2, jnp.ones(2, jnp.int32))
-    assert set(ALL_CHECKS) >= {"autodiff", "finite_differences", "taylor", "vmap"}
+
+
+@pytest.mark.parametrize("check", ALL_CHECKS)
+def test_each_check_runs_alone(check):
+    """``checks=(name,)`` runs that part and no other."""
+    r = verify_vjp(jb.tanh, jnp.array([0.3, -1.2]), reference=ref.tanh, checks=(check,))
+    leaf_parts = {p for p in ("autodiff", "finite_differences", "taylor")
+                  if getattr(r.leaves[0], p) is not None}
+    whole = {c.name.split()[0].replace("-", "_") for c in r.checks}
+    assert leaf_parts | whole == {check} and r.passed
 
 
 def test_cli_check_one_module(tmp_path, capsys):

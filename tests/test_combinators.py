@@ -1,3 +1,4 @@
+import chex
 import jax
 import jax.numpy as jnp
 import pytest
@@ -5,14 +6,16 @@ import pytest
 import jbackprop as jb
 from jbackprop.modules import combinators as cb
 from jbackprop import reference as ref
-from helpers import assert_close
+
+F64 = {"rtol": 1e-10, "atol": 1e-10}   # float64: hand-written vs autodiff of the reference
 
 
 def test_serial_shapes_and_params():
     net = cb.serial(cb.Dense(8), cb.Relu, cb.Dense(3))
     params = net.init(jax.random.PRNGKey(0), (5,))
-    assert params[0]["W"].shape == (8, 5) and params[1] == () and params[2]["W"].shape == (3, 8)
-    assert net.apply(params, jnp.ones(5)).shape == (3,)
+    chex.assert_shape([params[0]["W"], params[2]["W"]], [(8, 5), (3, 8)])
+    assert params[1] == ()
+    chex.assert_shape(net.apply(params, jnp.ones(5)), (3,))
     with pytest.raises(ValueError, match="expected params for 3 layers"):
         net.apply(params[:2], jnp.ones(5))
 
@@ -22,7 +25,7 @@ def test_residual_combinator_is_z_plus_f():
     block = cb.Residual(inner)
     p = block.init(jax.random.PRNGKey(1), (4,))
     z = jnp.linspace(-1, 1, 4)
-    assert_close(block.apply(p, z), z + inner.apply(p, z), 1e-12)
+    chex.assert_trees_all_close(block.apply(p, z), z + inner.apply(p, z), rtol=1e-12, atol=1e-12)
     with pytest.raises(ValueError, match="must keep the shape"):
         cb.Residual(cb.Dense(3)).init(jax.random.PRNGKey(1), (4,))
 
@@ -42,9 +45,10 @@ def test_conv_net_gradients_match_reference(conv, in_shape):
 
     X = jax.random.normal(jax.random.PRNGKey(3), (3, *in_shape))
     loss = lambda f: lambda p: jnp.sum(jnp.sin(jax.vmap(lambda x: f(p, x))(X)))
-    assert_close(jax.vmap(lambda x: net.apply(params, x))(X),
-                 jax.vmap(lambda x: reference(params, x))(X), 1e-12)
-    assert_close(jax.jit(jax.grad(loss(net.apply)))(params), jax.grad(loss(reference))(params))
+    chex.assert_trees_all_close(jax.vmap(lambda x: net.apply(params, x))(X),
+                                jax.vmap(lambda x: reference(params, x))(X), **F64)
+    chex.assert_trees_all_close(jax.jit(jax.grad(loss(net.apply)))(params),
+                                jax.grad(loss(reference))(params), **F64)
 
 
 def test_conv_layer_rejects_wrong_input_rank():

@@ -102,7 +102,8 @@ def test_conv1d_s_is_toeplitz_matmul_and_backward_is_transpose(k):
     chex.assert_trees_all_close(p_bar["w"], np.array([vn @ zp[j:j + 8] for j in range(k)]), **EXACT)
     chex.assert_trees_all_close(p_bar["b"], vn.sum(), **EXACT)
     # the same Qᵀv as a correlation of v with the flipped filter (docs/convolution.md)
-    chex.assert_trees_all_close(z_bar, jb.conv1d_s({"w": p["w"][::-1], "b": 0.0 * p["b"]}, v), **EXACT)
+    flipped = {"w": p["w"][::-1], "b": 0.0 * p["b"]}
+    chex.assert_trees_all_close(z_bar, jb.conv1d_s(flipped, v), **EXACT)
 
 
 def test_conv2d_s_is_block_toeplitz_matmul_and_backward_is_transpose():

@@ -1,7 +1,16 @@
+"""jbackprop.train.data: the datasets, ``.npz`` files, and the ``cli`` extra (scikit-learn,
+matplotlib, tqdm) imported only where needed."""
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 
-from jbackprop.train import data
+from jbackprop import cli
+from jbackprop.train import data, trainer
+from jbackprop.train import Config
+
+CLI_EXTRA = ("sklearn", "matplotlib", "tqdm")
 
 
 def test_digits_is_a_fixed_stratified_standardised_split():
@@ -56,3 +65,56 @@ def test_unknown_dataset_and_missing_file():
         data.load("mnist")
     with pytest.raises(FileNotFoundError, match="does not exist"):
         data.load("/nonexistent/file.npz")
+
+
+def test_importing_jbackprop_imports_no_cli_extra():
+    """``pip install .`` (no ``cli`` extra) can import the library, the CLI and the trainer."""
+    code = ("import jbackprop, jbackprop.cli, jbackprop.train.trainer, sys; "
+            f"loaded = sorted({{m for m in sys.modules if m.split('.')[0] in {CLI_EXTRA}}}); "
+            "assert not loaded, loaded")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+
+
+def _without(monkeypatch, *modules):
+    """As if ``modules`` were not installed: importing them raises ModuleNotFoundError."""
+    for name in list(sys.modules):
+        if name.split(".")[0] in modules:
+            monkeypatch.delitem(sys.modules, name)
+    for name in modules:
+        monkeypatch.setitem(sys.modules, name, None)
+
+
+def test_digits_without_scikit_learn_says_what_to_install(monkeypatch):
+    _without(monkeypatch, "sklearn")
+    with pytest.raises(ModuleNotFoundError, match=r'the digits dataset needs scikit-learn, which '
+                                                  r'is not installed: pip install "jbackprop\[cli\]"'):
+        data.load("digits")
+    assert data.load("xor").name == "xor"                 # the others need only NumPy
+
+
+def test_fit_without_matplotlib_stops_before_training(monkeypatch, tmp_path):
+    _without(monkeypatch, "matplotlib")
+    with pytest.raises(ModuleNotFoundError, match=r'curves.png\) needs matplotlib.*'
+                                                  r'pip install "jbackprop\[cli\]"'):
+        trainer.fit(Config(dataset="xor", epochs=1), str(tmp_path / "run"), progress=False)
+    assert not (tmp_path / "run").exists()                # nothing written
+
+
+def test_fit_without_tqdm_trains_without_a_bar(monkeypatch, tmp_path, capsys):
+    _without(monkeypatch, "tqdm")
+    cfg = Config(dataset="xor", epochs=2, width=8, batch_size=64, input_noise=0.0)
+    assert len(trainer.fit(cfg, str(tmp_path), progress=True)["epochs"]) == 2
+    assert "epochs" not in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("dataset, missing, message", [
+    ("digits", "sklearn", "the digits dataset needs scikit-learn"),
+    ("xor", "matplotlib", "drawing the training curves (curves.png) needs matplotlib"),
+], ids=["digits-without-scikit-learn", "without-matplotlib"])
+def test_cli_train_without_the_cli_extra(tmp_path, capsys, monkeypatch, dataset, missing, message):
+    """``jbackprop train`` after ``pip install .`` alone: exit status 2 and what to install."""
+    _without(monkeypatch, missing)
+    assert cli.main(["train", "--dataset", dataset, "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"jbackprop train: {message}") and 'pip install "jbackprop[cli]"' in err

@@ -1,8 +1,10 @@
 """Training survives faults: real ``jbackprop train`` processes are killed with SIGKILL — once
-inside a checkpoint write (deterministically, through the trainer's test hook), and twice at
-random moments of an epoch — and each time ``--resume`` continues from the last completed
-epoch, with a checkpoint that loads. The final parameters, optimiser state and per-epoch
-metrics equal, bit for bit, those of an uninterrupted run of the same configuration."""
+inside a checkpoint write (deterministically: the process is started with ``os.replace``
+wrapped so that the rename of epoch 2's complete temporary checkpoint waits to be killed), and
+twice at random moments of an epoch (found by watching the checkpoint file) — and each time
+``--resume`` continues from the last completed epoch, with a checkpoint that loads. The final
+parameters, optimiser state and per-epoch metrics equal, bit for bit, those of an uninterrupted
+run of the same configuration."""
 import os
 import pickle
 import signal
@@ -12,6 +14,7 @@ import time
 
 import jax
 import numpy as np
+import pytest
 
 from jbackprop.train import trainer
 
@@ -19,16 +22,48 @@ EPOCHS = 30
 ARGS = ["--dataset", "digits", "--model", "mlp", "--width", "64", "--batch-size", "2",
         "--epochs", str(EPOCHS), "--seed", "5", "--no-progress"]
 TIMEOUT = 240                                   # seconds for any one wait: a hung run fails
+PAUSED = "paused before renaming"
+
+# ``jbackprop train`` in a process whose ``os.replace`` waits, printing PAUSED, before the
+# rename of the checkpoint numbered ``sys.argv[1]`` (1 = the first this process writes): its
+# temporary file is then complete, and the checkpoint on disk is still the one before.
+PAUSE_BEFORE_RENAME = f"""
+import os, sys, time
+import jbackprop.cli
+pause_at, renames, real_replace = int(sys.argv[1]), [], os.replace
+def replace(src, dst, *args, **kwargs):
+    if os.path.basename(dst) == {trainer.CHECKPOINT!r}:
+        renames.append(src)
+        if len(renames) == pause_at:
+            print({PAUSED!r}, src, flush=True)
+            time.sleep({TIMEOUT})
+    return real_replace(src, dst, *args, **kwargs)
+os.replace = replace
+sys.exit(jbackprop.cli.main(["train", *sys.argv[2:]]))
+"""
 
 
-def _train(out, *extra, pause_at=None):
-    """Start ``python -m jbackprop.cli train`` writing to ``out``; its output goes to a log."""
-    env = {k: v for k, v in os.environ.items() if k != trainer.PAUSE_ENV}
-    if pause_at is not None:
-        env[trainer.PAUSE_ENV] = str(pause_at)
+@pytest.fixture
+def processes():
+    """The test's training processes; any still running at the end (a failed test) is killed."""
+    started = []
+    yield started
+    for proc in started:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def _train(processes, out, *extra, pause_at=None):
+    """Start ``python -m jbackprop train`` writing to ``out`` (with ``pause_at``: paused inside
+    that checkpoint write, see PAUSE_BEFORE_RENAME); its output goes to a log."""
     log = open(f"{out}.log", "ab")
-    cmd = [sys.executable, "-m", "jbackprop.cli", "train", *extra]
-    return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env), log
+    if pause_at is None:
+        cmd = [sys.executable, "-m", "jbackprop", "train", *extra]
+    else:
+        cmd = [sys.executable, "-c", PAUSE_BEFORE_RENAME, str(pause_at), *extra]
+    processes.append(subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT))
+    return processes[-1], log
 
 
 def _wait(condition, what):
@@ -75,10 +110,10 @@ def _check_after_kill(out, seen, previous_history):
     return epoch, history
 
 
-def _kill_at_random(out, rng, history):
+def _kill_at_random(processes, out, rng, history):
     """Resume, let at least one more epoch complete, then SIGKILL at a uniformly random moment
     within one epoch's wall-clock time (measured between two checkpoints)."""
-    proc, log = _train(out, "--resume", out, "--no-progress")
+    proc, log = _train(processes, out, "--resume", out, "--no-progress")
     ckpt = Checkpoint(out)
     start = ckpt.poll()
     _wait(lambda: ckpt.poll() > start, "an epoch after resuming")
@@ -95,14 +130,14 @@ def _final_state(out):
     return state, [{k: v for k, v in h.items() if k != "seconds"} for h in history]
 
 
-def test_kill_and_resume(tmp_path):
+def test_kill_and_resume(tmp_path, processes):
     ref_out, out = str(tmp_path / "uninterrupted"), str(tmp_path / "killed")
-    reference, ref_log = _train(ref_out, *ARGS, "--out", ref_out)      # runs alongside
+    reference, ref_log = _train(processes, ref_out, *ARGS, "--out", ref_out)   # runs alongside
 
     # 1. killed inside the checkpoint write of epoch 2: after its temporary file is complete,
     #    before the rename. The checkpoint on disk is still epoch 1's, intact.
-    proc, log = _train(out, *ARGS, "--out", out, pause_at=2)
-    _wait(lambda: trainer.PAUSE_ENV.encode() in open(f"{out}.log", "rb").read(), "the pause")
+    proc, log = _train(processes, out, *ARGS, "--out", out, pause_at=2)
+    _wait(lambda: PAUSED.encode() in open(f"{out}.log", "rb").read(), "the pause")
     _kill(proc, log)
     tmp_files = [f for f in os.listdir(out) if ".tmp-" in f]
     assert len(tmp_files) == 1                       # the unrenamed temporary checkpoint
@@ -112,10 +147,10 @@ def test_kill_and_resume(tmp_path):
     # 2–3. killed at random moments of an epoch, each after resuming
     rng = np.random.default_rng(0)
     for _ in range(2):
-        epoch, history = _kill_at_random(out, rng, history)
+        epoch, history = _kill_at_random(processes, out, rng, history)
 
     # 4. resumed to the end
-    proc, log = _train(out, "--resume", out, "--no-progress")
+    proc, log = _train(processes, out, "--resume", out, "--no-progress")
     assert proc.wait(TIMEOUT) == 0, open(f"{out}.log").read()
     log.close()
     assert reference.wait(TIMEOUT) == 0, open(f"{ref_out}.log").read()

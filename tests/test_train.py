@@ -1,8 +1,11 @@
 """jbackprop.train and jbackprop.train.trainer: manual and autodiff runs agree, resume is
-bit-identical, per-example gradients, Algorithm 1, NaN stop, checkpoints."""
+bit-identical, per-example gradients, Algorithm 1, NaN stop, checkpoints; ``python -m
+jbackprop`` and the command line's defaults."""
 import dataclasses
 import json
 import os
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -11,7 +14,7 @@ import optax
 import pytest
 
 import jbackprop as jb
-from jbackprop import train
+from jbackprop import cli, train
 from jbackprop.train import trainer
 from jbackprop.train import Config, TrainState
 from helpers import assert_close
@@ -135,14 +138,40 @@ def _fit_epochs(cfg, out, n):
         trainer.save_checkpoint = real_save
 
 
-def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
+def test_non_finite_loss_in_the_first_epoch_leaves_no_checkpoint(tmp_path):
     cfg = Config(**{**SMALL, "lr": 1e30, "optimizer": "sgd", "epochs": 5, "input_noise": 0.0})
-    with pytest.raises(trainer.NonFiniteLoss, match=r"at step \d+ \(epoch \d+, batch \d+\)"):
+    with pytest.raises(trainer.NonFiniteLoss, match=r"at step \d+ \(epoch 1, batch \d+\); "
+                                                   r"stopped, no epoch had finished"):
         trainer.fit(cfg, str(tmp_path), progress=False)
-    ckpt = tmp_path / trainer.CHECKPOINT
-    if ckpt.exists():   # a finite epoch came first: its parameters are finite
-        state, _, _ = trainer.load_checkpoint(str(ckpt))
-        assert all(bool(jnp.all(jnp.isfinite(l))) for l in jax.tree.leaves(state.params))
+    assert not (tmp_path / trainer.CHECKPOINT).exists()
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
+    """Two finite epochs, then a third whose steps turn the loss and the parameters into NaN
+    (train_epoch poisoned from outside): the run stops naming the step, and the checkpoint on
+    disk is epoch 2's, finite, equal to that of a run of 2 epochs."""
+    real_epoch = trainer.train_epoch
+
+    def poisoned(loss, opt, state, *args, **kwargs):
+        new, losses = real_epoch(loss, opt, state, *args, **kwargs)
+        bad = state.epoch >= 2
+        params = jax.tree.map(lambda p: jnp.where(bad, jnp.nan, p), new.params)
+        return new._replace(params=params), jnp.where(bad, jnp.nan, losses)
+    monkeypatch.setattr(trainer, "train_epoch", poisoned)
+    cfg = Config(**{**SMALL, "epochs": 4, "schedule": "constant"})
+    with pytest.raises(trainer.NonFiniteLoss, match=r"the training loss became nan at step 33 "
+                                                   r"\(epoch 3, batch 1\); stopped, keeping the last "
+                                                   r"good checkpoint .* \(epoch 2\)"):
+        trainer.fit(cfg, str(tmp_path / "poisoned"), progress=False)
+    ckpt = tmp_path / "poisoned" / trainer.CHECKPOINT
+    assert ckpt.exists()
+    state, history, _ = trainer.load_checkpoint(str(ckpt))
+    assert int(state.epoch) == 2 and [h["epoch"] for h in history] == [1, 2]
+    assert all(bool(jnp.all(jnp.isfinite(l))) for l in jax.tree.leaves(state.params))
+    trainer.fit(dataclasses.replace(cfg, epochs=2), str(tmp_path / "two"), progress=False)
+    two, _, _ = trainer.load_checkpoint(str(tmp_path / "two" / trainer.CHECKPOINT))
+    for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(two), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
 def test_resume_with_another_configuration_is_refused(tmp_path):
@@ -156,3 +185,39 @@ def test_resume_with_another_configuration_is_refused(tmp_path):
 def test_bad_batch_size(tmp_path):
     with pytest.raises(ValueError, match="batch_size must be in 1..256"):
         trainer.fit(Config(**{**SMALL, "batch_size": 1000}), str(tmp_path), progress=False)
+
+
+# --- the command line ----------------------------------------------------------------------------
+def test_cli_defaults_are_config_defaults(monkeypatch, capsys):
+    """``jbackprop train`` without flags trains ``Config()``; on another dataset without input
+    noise. The help shows the defaults."""
+    runs = []
+
+    def fake_fit(cfg, out, resume=False, progress=True):
+        runs.append(cfg)
+        return {"final": {"test_accuracy": 1.0}, "metric": "accuracy", "dataset": cfg.dataset,
+                "seconds_total": 0.0}
+    monkeypatch.setattr(trainer, "fit", fake_fit)
+    assert cli.main(["train"]) == 0
+    assert cli.main(["train", "--dataset", "xor", "--lr", "0.5"]) == 0
+    assert runs == [Config(), Config(dataset="xor", lr=0.5, input_noise=0.0)]
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["train", "--help"])
+    assert exit_.value.code == 0
+    shown = " ".join(capsys.readouterr().out.split())
+    for f in dataclasses.fields(Config):
+        if f.name not in ("input_noise", "devices"):      # dataset-dependent / placement only
+            assert f"default: {f.default}" in shown, f.name
+    assert f"default {Config.input_noise} for digits" in shown
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["--help"], "usage: jbackprop"),
+    (["check", "--module", "relu", "--dtype", "float64"], "passed, 0 failed"),
+], ids=["help", "check-relu"])
+def test_python_dash_m_jbackprop(args, expected):
+    """``python -m jbackprop`` is the ``jbackprop`` command."""
+    run = subprocess.run([sys.executable, "-m", "jbackprop", *args], capture_output=True,
+                         text=True, timeout=600)
+    assert run.returncode == 0 and expected in run.stdout, run.stdout + run.stderr

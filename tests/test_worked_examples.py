@@ -1,4 +1,4 @@
-"""The worked examples of the course material (SPEC.md, "Worked examples in the seeds").
+"""The worked examples of the course material (the lecture slides and the backprop lecture).
 
 The ReLU slide example is in test_activations.py, the matrix-multiply slide in test_linear.py
 and the regularised single unit in test_losses.py.

@@ -6,6 +6,11 @@ cross-entropy, backward, Adam update) on the benchmark's batch and waits for it.
 on the CPU with as many threads as cores; its models are the configurations' mathematics
 (``nn.Linear`` is ``W z + b``; ``nn.LayerNorm`` over the features, ε = 1e-5). Convolutional
 configurations have no external column.
+
+A library that is not installed gives no column and is never imported: ``available()`` asks
+``importlib.util.find_spec`` only. The test extra installs Equinox, so CI runs its column
+(``tests/test_bench_external.py``); PyTorch is too large to install there, so in CI the torch
+columns are skipped this way, and their tests run only where torch is installed.
 """
 from __future__ import annotations
 
@@ -97,28 +102,42 @@ def _torch_steps(spec: dict, x: np.ndarray, y: np.ndarray) -> dict[str, Callable
 
 
 # --- Equinox ---------------------------------------------------------------------------------
-def _equinox_step(spec: dict, x, y) -> Callable[[], Any]:
+def equinox_model(spec: dict):
+    """The Equinox model of an ``"mlp"`` (ReLU, last layer linear) or ``"classifier"`` spec:
+    ``eqx.nn.MLP`` or ``eqx.nn.Linear``, whose layers hold ``weight (n, m)`` and ``bias (n,)``
+    as ``jb.mm``'s ``W`` and ``b``."""
     import equinox as eqx
     import jax
-    import jax.numpy as jnp
-    import optax
 
     key = jax.random.PRNGKey(0)
     if spec["kind"] == "mlp":
         s = spec["sizes"]
-        model = eqx.nn.MLP(s[0], s[-1], s[1], len(s) - 2, activation=jax.nn.relu, key=key)
-    else:
-        model = eqx.nn.Linear(spec["in"], spec["classes"], key=key)
+        return eqx.nn.MLP(s[0], s[-1], s[1], len(s) - 2, activation=jax.nn.relu, key=key)
+    if spec["kind"] == "classifier":
+        return eqx.nn.Linear(spec["in"], spec["classes"], key=key)
+    raise ValueError(f"no Equinox model for configuration kind {spec['kind']!r}")
+
+
+def equinox_loss(model, x, y):
+    """Mean cross-entropy of ``model`` vmapped over the batch ``x`` with integer labels ``y``."""
+    import jax
+    import jax.numpy as jnp
+
+    logits = jax.vmap(model)(x)
+    return jnp.mean(jax.nn.logsumexp(logits, -1) - jnp.take_along_axis(logits, y[:, None], 1)[:, 0])
+
+
+def _equinox_step(spec: dict, x, y) -> Callable[[], Any]:
+    import equinox as eqx
+    import optax
+
+    model = equinox_model(spec)
     opt = optax.adam(1e-3)
     opt_state = opt.init(eqx.filter(model, eqx.is_array))
 
-    def loss(model, x, y):
-        logits = jax.vmap(model)(x)
-        return jnp.mean(jax.nn.logsumexp(logits, -1) - jnp.take_along_axis(logits, y[:, None], 1)[:, 0])
-
     @eqx.filter_jit
     def step(model, opt_state, x, y):
-        value, grads = eqx.filter_value_and_grad(loss)(model, x, y)
+        value, grads = eqx.filter_value_and_grad(equinox_loss)(model, x, y)
         updates, opt_state = opt.update(grads, opt_state, eqx.filter(model, eqx.is_array))
         return eqx.apply_updates(model, updates), opt_state, value
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from jbackprop._optional import import_optional
 from jbackprop.bench import models as bench_models
 
 
@@ -86,14 +87,13 @@ def format_table(result: dict) -> str:
 
 def plot(result: dict, path: str) -> None:
     """Bar chart of step time relative to ``jax.grad`` (autodiff = 1) for every version."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    figure = import_optional("matplotlib.figure", "the benchmark chart (--plot)")
 
     names = [r["name"] for r in result["configs"]]
     versions = [k for k in ("manual", "manual, batched", "torch eager", "torch.compile",
                             "equinox") if any(k in r["versions"] for r in result["configs"])]
-    fig, ax = plt.subplots(figsize=(10, 4.2))
+    fig = figure.Figure(figsize=(10, 4.2))
+    ax = fig.subplots()
     width = 0.8 / len(versions)
     for i, k in enumerate(versions):
         vals = [r["versions"][k]["step_ms"] / r["versions"]["autodiff"]["step_ms"]
@@ -111,7 +111,6 @@ def plot(result: dict, path: str) -> None:
     ax.legend(fontsize=8, ncol=3, loc="upper right")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 

@@ -29,6 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jbackprop._compat import enable_x64
 from jbackprop.check.report import Check, Comparison, Leaf, Report, Taylor, saved_residuals
 
 # Relative tolerance of a hand-written cotangent against autodiff, by the dtype it is computed in.
@@ -83,7 +84,7 @@ def verify_vjp(fn: Callable, *args: Any, reference: Callable | None = None,
                 c = _compare(a, e, tol)
                 if leaf.autodiff is None or c.error > leaf.autodiff.error:
                     leaf.autodiff = c
-    with jax.enable_x64(True):  # finite differences, Taylor, adjoint and 2nd order in float64
+    with enable_x64(True):  # finite differences, Taylor, adjoint and 2nd order in float64
         p64 = prob.in_float64()
         v64, g64 = _to64(v), p64.pullback(p64.leaves, _to64(v))
         kinks = []

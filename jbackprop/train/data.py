@@ -1,7 +1,9 @@
 """Datasets for training: the scikit-learn digits (default), the notes' XOR and housing
 problems, and the user's own ``.npz`` file.
 
-Every loader returns a ``Dataset`` of NumPy arrays, one example per row.
+Every loader returns a ``Dataset`` of NumPy arrays, one example per row. The digits need
+scikit-learn, from the ``cli`` extra (``pip install "jbackprop[cli]"``); the others need nothing
+beyond NumPy.
 """
 from __future__ import annotations
 
@@ -10,6 +12,8 @@ import zipfile
 from typing import NamedTuple
 
 import numpy as np
+
+from jbackprop._optional import import_optional
 
 
 class Dataset(NamedTuple):
@@ -24,7 +28,9 @@ class Dataset(NamedTuple):
 
 def digits(test_size: float = 0.2, seed: int = 0) -> Dataset:
     """The 8×8 handwritten digits bundled with scikit-learn (1797 images, no download), a fixed
-    stratified train/test split, standardised with the training set's statistics."""
+    stratified train/test split, standardised with the training set's statistics. Needs
+    scikit-learn (the ``cli`` extra)."""
+    import_optional("sklearn", "the digits dataset")
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
 

@@ -1,6 +1,10 @@
 """The loop behind ``jbackprop train``: epochs with a progress bar, an atomic checkpoint every
 epoch, ``--resume``, a stop with a clear message on a non-finite loss, Ctrl-C, and
-``metrics.json`` and ``curves.png`` in the output folder."""
+``metrics.json`` and ``curves.png`` in the output folder.
+
+It needs the ``cli`` extra (``pip install "jbackprop[cli]"``): matplotlib for the curves,
+scikit-learn for the digits, tqdm for the progress bar (without it, no bar). Each is imported
+only when used."""
 from __future__ import annotations
 
 import dataclasses
@@ -14,12 +18,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jbackprop._optional import import_optional
 from jbackprop.train import data as datasets, distributed
 from jbackprop.train.loop import (Config, TrainState, evaluate, make_loss, make_model, make_optimizer,
                              train_epoch)
 
 CHECKPOINT = "checkpoint.pkl"
-PAUSE_ENV = "JBACKPROP_TEST_PAUSE_BEFORE_RENAME"   # a test hook: see _pause_before_rename
 
 
 class NonFiniteLoss(RuntimeError):
@@ -35,18 +39,7 @@ def save_checkpoint(path: str, state: TrainState, history: list[dict], cfg: Conf
         pickle.dump(blob, f, protocol=pickle.HIGHEST_PROTOCOL)
         f.flush()
         os.fsync(f.fileno())
-    _pause_before_rename(int(state.epoch), tmp)
     os.replace(tmp, path)
-
-
-def _pause_before_rename(epoch: int, tmp: str) -> None:
-    """Test hook (tests/test_fault_tolerance.py), inert unless the environment variable
-    ``JBACKPROP_TEST_PAUSE_BEFORE_RENAME`` is ``epoch``: then the checkpoint of that epoch, its
-    temporary file complete, says so on stdout and waits before the rename, so that a test can
-    kill the process inside the checkpoint write, deterministically."""
-    if os.environ.get(PAUSE_ENV) == str(epoch):
-        print(f"{PAUSE_ENV}: {tmp} written, waiting before the rename", flush=True)
-        time.sleep(60)
 
 
 def load_checkpoint(path: str) -> tuple[TrainState, list[dict], dict]:
@@ -71,10 +64,12 @@ def fit(cfg: Config, out_dir: str, resume: bool = False, progress: bool = True) 
     """Train ``cfg`` and write ``metrics.json``, ``curves.png`` and checkpoints to ``out_dir``.
 
     Returns the metrics dict. Raises ``NonFiniteLoss`` (after keeping the last good checkpoint)
-    and re-raises ``KeyboardInterrupt`` after saving one.
+    and re-raises ``KeyboardInterrupt`` after saving one. Without matplotlib (the ``cli``
+    extra) it raises ``ModuleNotFoundError`` at once, before training.
     """
     start = time.perf_counter()
     mesh = _mesh(cfg) if cfg.devices != 1 else None  # refused before anything is written
+    import_optional("matplotlib", "drawing the training curves (curves.png)")
     os.makedirs(out_dir, exist_ok=True)
     ckpt = os.path.join(out_dir, CHECKPOINT)
     for stale in glob.glob(glob.escape(ckpt) + ".tmp-*"):   # from a process killed mid-write
@@ -158,19 +153,39 @@ def _mesh(cfg: Config):
     return mesh
 
 
+class _NoBar:
+    """What ``_progress`` returns when there is no bar to draw."""
+
+    def update(self, n: int = 1) -> None:
+        pass
+
+    def set_postfix(self, **values) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
 def _progress(total: int, done: int, enabled: bool):
-    from tqdm.auto import tqdm
-    return tqdm(total=total, initial=done, desc="epochs", unit="epoch", disable=not enabled,
-                dynamic_ncols=True)
+    """A tqdm bar over the epochs; no bar if disabled or tqdm is not installed."""
+    if not enabled:
+        return _NoBar()
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:
+        return _NoBar()
+    return tqdm(total=total, initial=done, desc="epochs", unit="epoch", dynamic_ncols=True)
 
 
 def _plot(history: list[dict], metric: str, path: str, title: str) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    """Loss and metric against epochs, train and test, as a PNG: matplotlib's object-oriented
+    API (a ``Figure`` without pyplot), so no backend is selected and no global state changes."""
+    import_optional("matplotlib", "drawing the training curves (curves.png)")
+    from matplotlib.figure import Figure
 
     epochs = [h["epoch"] for h in history]
-    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.8))
+    fig = Figure(figsize=(10, 3.8))
+    a, b = fig.subplots(1, 2)
     a.plot(epochs, [h["train_loss"] for h in history], label="train")
     a.plot(epochs, [h["test_loss"] for h in history], label="test")
     a.set(xlabel="epoch", ylabel="loss", yscale="log", title=f"{title}: loss")
@@ -183,5 +198,4 @@ def _plot(history: list[dict], metric: str, path: str, title: str) -> None:
     fig.tight_layout()
     tmp = path + ".tmp.png"
     fig.savefig(tmp, dpi=110)
-    plt.close(fig)
     os.replace(tmp, path)
