@@ -58,6 +58,10 @@ def layer_norm(params, z, eps=1e-5):
     return params["beta"] + params["gamma"] * layer_norm_s(z, eps)
 
 
+def rms_norm(params, z, eps=1e-6):
+    """γ z / sqrt(mean(z²) + ε) over the last axis."""
+    return params["gamma"] * z / jnp.sqrt(jnp.mean(z ** 2, axis=-1, keepdims=True) + eps)
+
 def conv1d_s(params, z):
     """Σ_j w_j z_{i−ℓ+(j−1)} + b with zero padding (7.48), by explicit shifted slices."""
     w = params["w"]

@@ -1,4 +1,4 @@
-"""Layer norm beyond the registry's cases (tests/test_registry.py verifies LN-S, and LN with
+"""Layer norm and RMSNorm beyond the registry's cases (tests/test_registry.py verifies LN-S, and LN with
 both parameters per-feature or both scalar, at the default ε in float32 and float64): other ε
 (0 among them), mixed parameter shapes, the backward formulas, invariances, batching design,
 extreme inputs, dtypes and bad input."""
@@ -103,6 +103,57 @@ def test_scale_invariance_7_42(alpha):
     chex.assert_trees_all_close(gz_a, gz_1, **F64)
     chex.assert_trees_all_close(jax.tree.map(lambda g: alpha * g, gp_a), gp_1, **F64)
 
+
+@pytest.mark.parametrize("gamma_shape", [(), (M,)])
+def test_rms_norm_backward_closed_form(gamma_shape):
+    """B[RMS, z](v) = Jᵀv with the explicit Jacobian ∂y_i/∂z_j = γ_i (r δ_ij − r³ z_i z_j / m),
+    r = 1/√(mean z² + ε), and B[RMS, γ](v) = Σ v ⊙ x̂ summed over the batch (and the features
+    for a scalar γ), in NumPy from the definitions."""
+    eps = 0.1
+    p = {"gamma": _params(gamma_shape, gamma_shape)["gamma"]}
+    Z, V = _z((2, 3, M), seed=13), _z((2, 3, M), seed=14)
+    p_bar, z_bar = jb.backward(jb.rms_norm)(p, Z, V, eps=eps)
+    z, v, gamma = np.asarray(Z), np.asarray(V), np.broadcast_to(np.asarray(p["gamma"]), (M,))
+    r = 1 / np.sqrt((z ** 2).mean(-1, keepdims=True) + eps)
+    expected = np.empty_like(z)
+    for idx in np.ndindex(z.shape[:-1]):
+        jac = gamma[:, None] * (r[idx] * np.eye(M) - r[idx] ** 3 * np.outer(z[idx], z[idx]) / M)
+        expected[idx] = jac.T @ v[idx]
+    chex.assert_trees_all_close(z_bar, expected, **F64)
+    feat = (0, 1) if gamma_shape else (0, 1, 2)
+    chex.assert_trees_all_close(p_bar["gamma"], (v * z * r).sum(feat), **F64)
+
+
+@pytest.mark.parametrize("alpha", [1e-3, 0.5, 7.0, -2.0])
+def test_rms_norm_scale_invariance(alpha):
+    """With ε = 0, RMS(αz) = sign(α) RMS(z), so ⟨B[RMS, z](v), z⟩ = 0 and (differentiating
+    both sides) the gradient at αz is 1/|α| times that at z; with ε > 0,
+    ⟨B[RMS, z](v), z⟩ = ⟨g, x̂⟩(1 − r²‖z‖²/m), g = γ ⊙ v (docs/normalisation.md)."""
+    p, z, v = {"gamma": _params()["gamma"]}, _z((4, M), seed=15), _z((4, M), seed=16)
+    f = lambda z, eps=0.0: jb.rms_norm(p, z, eps=eps)
+    chex.assert_trees_all_close(f(alpha * z), np.sign(alpha) * f(z), **F64)
+    (_, z_bar) = jb.backward(jb.rms_norm)(p, z, v, eps=0.0)
+    np.testing.assert_allclose(jnp.sum(z_bar * z, -1), 0.0,
+                               atol=1e-14 * M * max_abs(z_bar) * max_abs(z))
+    (_, z_bar_a) = jb.backward(jb.rms_norm)(p, alpha * z, v, eps=0.0)
+    chex.assert_trees_all_close(z_bar_a, z_bar / abs(alpha), **F64)
+    eps = 0.3
+    (_, z_bar) = jb.backward(jb.rms_norm)(p, z, v, eps=eps)
+    r = 1 / jnp.sqrt(jnp.mean(z ** 2, -1) + eps)
+    g_xhat = jnp.sum(p["gamma"] * v * z, -1) * r
+    chex.assert_trees_all_close(jnp.sum(z_bar * z, -1),
+                                g_xhat * (1 - r ** 2 * jnp.sum(z ** 2, -1) / M), **F64)
+
+
+@pytest.mark.parametrize("params, z, exc, match", [
+    ({"gamma": jnp.ones(4)}, jnp.ones(3), ValueError, r"params\['gamma'\] must have shape \(\) or \(3,\)"),
+    ({"gamma": jnp.ones(3), "beta": jnp.ones(3)}, jnp.ones(3), ValueError, r"unknown \['beta'\]"),
+    ({"gamma": jnp.ones(3)}, jnp.ones(()), ValueError, "z must have at least 1"),
+    ({"gamma": jnp.ones(3)}, jnp.ones(3, jnp.int32), TypeError, "z must be a floating"),
+])
+def test_rms_norm_bad_input(params, z, exc, match):
+    with pytest.raises(exc, match=match):
+        jax.jit(jb.rms_norm)(params, z)
 
 def test_layer_norm_vmap_calls_the_core_once_on_the_batch():
     p, Z = _params(), _z((8, M), seed=8)

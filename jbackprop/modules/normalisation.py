@@ -1,4 +1,5 @@
-"""Layer normalisation LN-S and LN (notes 7.40–7.47); derivations in docs/normalisation.md.
+"""Layer normalisation LN-S and LN (notes 7.40–7.47), and RMSNorm; derivations in
+docs/normalisation.md.
 
 Over the last axis of ``z ∈ R^m`` (any leading axes are independent rows):
 
@@ -29,7 +30,7 @@ from jbackprop.modules.registry import declare, normal
 from jbackprop.modules.wiring import apply
 
 # The public modules, re-exported by jbackprop.
-__all__ = ["layer_norm_s", "layer_norm"]
+__all__ = ["layer_norm_s", "layer_norm", "rms_norm"]
 
 
 def _standardise(z, eps):
@@ -209,3 +210,76 @@ declare(layer_norm, core=_layer_norm, num_arrays=2, reference=reference.layer_no
         family="normalisation", section="ln",
         shapes="`{\"beta\": () or (m,), \"gamma\": () or (m,)}`, `z (..., m)`",
         backward="as LN-S with `γ⊙v`; `Σ v⊙x̂`, `Σ v`", layer="LayerNorm", init=_per_feature_init)
+
+
+# --- RMSNorm(z) = γ ⊙ z / sqrt(mean(z²) + ε) ---------------------------------------------------
+def _root_mean_square(z, eps):
+    """``x̂ = z r`` in ``z``'s dtype, and ``r = 1/sqrt(mean(z²) + ε)`` (keepdims) in at least
+    float32 (one number per row)."""
+    zc = z.astype(jnp.promote_types(z.dtype, jnp.float32))
+    r = jax.lax.rsqrt(jnp.mean(zc * zc, axis=-1, keepdims=True) + eps)
+    return (zc * r).astype(z.dtype), r
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnames=("eps",))
+def _rms_norm(params, z, eps):
+    return params["gamma"] * _root_mean_square(z, eps)[0]
+
+
+def _rms_norm_fwd(params, z, eps):
+    xhat, r = _root_mean_square(z, eps)
+    return params["gamma"] * xhat, (xhat, r, params["gamma"])    # residuals: x̂, r (and γ)
+
+
+def _rms_norm_bwd(eps, res, v):
+    xhat, r, gamma = res
+    gamma_bar = _sum_to(v * xhat, gamma.ndim)                  # B[RMS, γ](v) = Σ v ⊙ x̂
+    g, x = (gamma * v).astype(r.dtype), xhat.astype(r.dtype)   # g = γ ⊙ v, in ≥ float32
+    z_bar = r * (g - x * jnp.mean(g * x, axis=-1, keepdims=True))  # r (g − x̂ mean(g ⊙ x̂))
+    return {"gamma": gamma_bar.astype(gamma.dtype)}, z_bar.astype(xhat.dtype)
+
+
+_rms_norm.defvjp(_rms_norm_fwd, _rms_norm_bwd)
+
+
+def rms_norm(params, z, eps=1e-6):
+    r"""RMSNorm: ``γ ⊙ z / sqrt(mean(z²) + ε)`` over the last axis (no centring, no β).
+
+    With ``r = 1/sqrt(mean(z²) + ε)``, ``x̂ = r z`` and ``g = γ ⊙ v``:
+
+    .. math::
+        B[\mathrm{RMS}, z](v) = r\,\big(g - \hat x\,\mathrm{mean}(g \odot \hat x)\big), \quad
+        B[\mathrm{RMS}, \gamma](v) = \textstyle\sum v \odot \hat x.
+
+    The sum runs over the leading (batch) axes, and over the features when γ is a scalar.
+    Residuals: ``x̂`` and ``r`` (one number per row), and a reference to ``γ``.
+
+    Args:
+      params: ``{"gamma": ()}`` (a scalar) or ``{"gamma": (m,)}`` (one per feature).
+      z: ``(m,)``, or ``(..., m)`` with leading batch axes.
+      eps: static ``ε ≥ 0`` added to the mean square. With ``eps=0`` a zero row divides by
+        zero (NaN); with ``eps > 0`` it is finite (zero) with finite gradients.
+
+    Returns:
+      The shape of ``z``, in the promoted dtype of ``params`` and ``z``.
+
+    Raises:
+      TypeError / ValueError: wrong keys or shape of ``params``, ``z`` of rank 0, empty or not
+        floating, ``eps`` not a finite number ``≥ 0``.
+    """
+    p = arguments.params_dict(params, "params", ("gamma",))
+    z, eps = _z_and_eps(z, eps, "rms_norm")
+    if p["gamma"].shape not in ((), z.shape[-1:]):
+        raise ValueError(f"rms_norm: params['gamma'] must have shape () or ({z.shape[-1]},) (one "
+                         f"per feature of z, shape {z.shape}), got {p['gamma'].shape}")
+    params, z = arguments.promote(p, z)
+    return apply(_rms_norm, params, z, batch_argnums=(1,), eps=eps)
+
+
+declare(rms_norm, core=_rms_norm, num_arrays=2, reference=reference.rms_norm,
+        examples=lambda rng: [({"gamma": normal(rng, *z.shape[-1:] if z.shape[-1] == 5 else ())}, z)
+                              for z in _rows(rng)],
+        family="normalisation", section="rmsnorm",
+        shapes="`{\"gamma\": () or (m,)}`, `z (..., m)`",
+        backward="`r (g − x̂ mean(g⊙x̂))`, `g = γ⊙v`; `Σ v⊙x̂`", layer="RMSNorm",
+        init=lambda key, in_shape, dtype: {"gamma": jnp.ones(in_shape[-1:], dtype)})
