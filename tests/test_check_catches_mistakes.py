@@ -25,7 +25,7 @@ import pytest
 
 import jbackprop as jb
 from jbackprop import reference as ref
-from jbackprop.modules.wiring import module
+from jbackprop.modules.wiring import apply
 from jbackprop.check import ALL_CHECKS, verify_vjp
 from jbackprop.testing import assert_vjp_correct
 
@@ -311,10 +311,9 @@ def _mm_per_example_bwd(res, v):
 _mm_per_example.defvjp(_mm_per_example_fwd, _mm_per_example_bwd)
 
 
-@module(_mm_per_example, batch_args=("z",))
 def mm_per_example(params, z):
     """MM whose core is called once on the whole batch under jax.vmap (as jb.mm)."""
-    return {"params": params, "z": z}
+    return apply(_mm_per_example, params, z, batch_argnums=(1,))
 
 
 # --- (k) reverse-over-reverse: right first derivative, wrong derivative of the backward -------

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import math
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -252,7 +253,7 @@ _declare(elu, _elu, "Elu", "`(1 if z ≥ 0 else α e^z) ⊙ v`",
 
 
 # --- the backward from the output, for composite modules --------------------------------------
-def backward_from_output(activation) -> "Callable[[jax.Array, jax.Array], jax.Array] | None":
+def backward_from_output(activation) -> Callable[[jax.Array, jax.Array], jax.Array] | None:
     """``(u, v) -> B[σ, z](v)`` written with the output ``u = σ(z)``, or ``None``.
 
     For ReLU (``1{u > 0} v``), leaky ReLU (``γ > 0``), sigmoid (``u(1 − u) v``) and tanh

@@ -18,7 +18,8 @@ from __future__ import annotations
 import dataclasses
 import functools
 import importlib
-from typing import Any, Callable, NamedTuple, Sequence
+import zlib
+from typing import Callable, NamedTuple, Sequence
 
 import numpy as np
 
@@ -99,7 +100,7 @@ def declarations() -> list[Declaration]:
     """Every declared module, family by family in the order of their files."""
     for family in FAMILIES:
         importlib.import_module(f"jbackprop.modules.{family}")
-    return list(_REGISTRY.values())
+    return sorted(_REGISTRY.values(), key=lambda d: FAMILIES.index(d.family))  # stable
 
 
 def of(fn: Callable) -> Declaration:
@@ -142,8 +143,8 @@ def _hyper_label(hyper: dict) -> str:
 def cases(seed: int = 0) -> list[Case]:
     """Every declared module at every example shape and hyper-parameter setting."""
     out = []
-    for index, decl in enumerate(declarations()):
-        rng = np.random.default_rng([seed, index])
+    for decl in declarations():
+        rng = np.random.default_rng([seed, zlib.crc32(decl.name.encode())])   # per module
         for args in decl.examples(rng):
             for hyper in decl.hyper:
                 options = {"argnums": tuple(i for i in range(len(args)) if i not in decl.nondiff
@@ -175,7 +176,7 @@ def markdown_table() -> str:
         hyper = ", ".join(f"{k}" for h in d.hyper for k in h)
         call = f"`jb.{d.name}`" + (f" (verified with {hyper} set)" if hyper else "")
         rows.append(f"| {call} | {d.shapes} | {d.backward} | {d.kinks or '—'} | "
-                    f"[{d.section}](../{d.page}) |")
+                    f"[{d.family} § {d.section}](../{d.page}) |")
     return "\n".join(rows)
 
 
