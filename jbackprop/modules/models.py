@@ -110,15 +110,16 @@ def _block_init(key, in_shape, dtype, gain=1.0):
             "mm2": cb.Dense(m, dtype=dtype, gain=gain).init(k2, (m,))}
 
 
-def _residual_reference(params, z, activation=relu):
-    return reference.residual(params, z, reference_of(activation))
+def _model_reference(model):
+    """The reference of a module composed with ``activation``: the activation's reference."""
+    return lambda params, x, activation=relu: model(params, x, reference_of(activation))
 
 
 def _square(rng, m):
     return {"W": normal(rng, m, m, scale=0.5), "b": normal(rng, m)}
 
 
-declare(residual, core=_residual, num_arrays=2, reference=_residual_reference,
+declare(residual, core=_residual, num_arrays=2, reference=_model_reference(reference.residual),
         examples=lambda rng: [({"mm1": _square(rng, m), "mm2": _square(rng, m)}, normal(rng, m))
                               for m in (5, 16)],
         family="models", section="residual-block",
@@ -198,11 +199,6 @@ def resnet_s(params: dict, x: jax.Array, activation: Callable = relu) -> jax.Arr
     z = mm(params["proj"], x) if "proj" in params else x
     z, _ = jax.lax.scan(lambda z, p: (residual(p, z, activation), None), z, params["blocks"])
     return mm(params["head"], z)
-
-
-def _model_reference(model):
-    """The reference of a model composed with ``activation``: the activation's reference."""
-    return lambda params, x, activation=relu: model(params, x, reference_of(activation))
 
 
 def _mlp_example(rng, sizes):
