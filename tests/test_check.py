@@ -22,8 +22,8 @@ def test_report_of_a_correct_module():
     assert [leaf.leaf for leaf in r.leaves] == ["params['W']", "params['b']", "z"]
     for leaf in r.leaves:
         assert leaf.autodiff.passed and leaf.finite_differences.passed and leaf.taylor.passed
-    assert {c.name.split()[0] for c in r.checks} == {"adjoint", "linearity", "jit", "vmap",
-                                                     "reverse-over-reverse"}
+    assert {c.name.split()[0] for c in r.checks} == {"contract", "adjoint", "linearity", "jit",
+                                                     "vmap", "reverse-over-reverse"}
     # the forward saves W and z: 3·2 + 2 float64 numbers
     assert r.residual_bytes == 8 * (6 + 2) and any("params['W']" in s for s in r.residuals)
     assert "params['W']" in str(r)
@@ -84,6 +84,37 @@ def test_assert_vjp_correct_message_names_leaf_index_values_and_tolerance():
     with pytest.raises(AssertionError, match=r"bad_mm: z vs autodiff: error .* > tol 1e-09; "
                                              r"worst at index \(\d,\): hand-written .*, expected"):
         assert_vjp_correct(bad_mm, {"W": W}, Z, reference=lambda p, z: p["W"] @ z)
+
+
+def test_a_rule_redefined_on_the_same_object_is_seen_at_the_next_call():
+    """The compiled pullbacks are cached by the function *and its current rules*: after
+    ``f.defvjp(fwd, fixed_bwd)`` the checker sees the fixed rule, as ``jax.grad`` does."""
+    @jax.custom_vjp
+    def f(z):
+        return jnp.tanh(z)
+    fwd = lambda z: (jnp.tanh(z), jnp.tanh(z))
+    f.defvjp(fwd, lambda t, v: (-(1 - t * t) * v,))                  # wrong sign
+    z = jnp.array([0.3, -1.0, 2.0])
+    assert not verify_vjp(f, z, reference=ref.tanh).passed
+    f.defvjp(fwd, lambda t, v: ((1 - t * t) * v,))                   # fixed, same object
+    r = verify_vjp(f, z, reference=ref.tanh)
+    assert r.passed, "\n".join(r.failures())
+    f.defvjp(fwd, lambda t, v: (-(1 - t * t) * v,))                  # and broken again
+    assert not verify_vjp(f, z, reference=ref.tanh).passed
+
+
+def test_the_contract_check_names_the_leaf_and_both_dtypes():
+    @jax.custom_vjp
+    def mm32(params, z):
+        return params["W"] @ z
+    mm32.defvjp(lambda p, z: (p["W"] @ z, (p["W"], z)),                # W_bar float64: BUG
+                lambda res, v: ({"W": jnp.outer(v, res[1]).astype(jnp.float64)}, res[0].T @ v))
+    args = ({"W": jnp.ones((2, 3), jnp.float32)}, jnp.ones(3, jnp.float32))
+    r = verify_vjp(mm32, *args, reference=ref.mm)
+    assert [c.name for c in r.checks if not c.passed] == ["contract (cotangent shapes and dtypes)"]
+    assert "params['W']: cotangent (2, 3) float64, primal (2, 3) float32" in r.failures()[0]
+    assert json.loads(r.to_json())["checks"][0]["passed"] is False
+    assert verify_vjp(jb.mm, *args, reference=ref.mm).passed     # the library casts back
 
 
 def test_bad_arguments():

@@ -33,7 +33,7 @@ P = functools.partial
 DOC = pathlib.Path(__file__).resolve().parents[1] / "docs" / "verifying.md"
 
 # The names of the whole-function checks in a Report, as in ALL_CHECKS.
-_CHECK_PREFIX = {"adjoint": "adjoint", "linearity": "linearity", "jit": "jit", "vmap": "vmap",
+_CHECK_PREFIX = {"contract": "contract", "adjoint": "adjoint", "linearity": "linearity", "jit": "jit", "vmap": "vmap",
                  "reverse-over-reverse": "reverse_over_reverse"}
 
 
@@ -359,6 +359,20 @@ mm_clip_1, mm_clip_3 = _mm_clipping(1.0), _mm_clipping(3.0)
 CLIP_ARGS = ({"W": n(17, 3, 4), "b": n(18, 3)}, n(19, 4))
 
 
+# --- (m) contract: right values in the wrong dtype ---------------------------------------------
+@jax.custom_vjp
+def tanh_float64_cotangent(z):
+    return jnp.tanh(z)
+
+
+def _tanh_float64_bwd(t, v):
+    return (((1 - t * t) * v).astype(jnp.float64),)       # BUG: float64 for a float32 z
+
+
+tanh_float64_cotangent.defvjp(_tanh_fwd, _tanh_float64_bwd)
+TANH32_ARGS = (n(21, 5).astype(jnp.float32),)
+
+
 # ============================================================================================
 # Expected results: which checks flag each mistake (the table in docs/verifying.md)
 # ============================================================================================
@@ -392,6 +406,8 @@ MISTAKES = {
           ["params['W']", "params['b']", "z"]),
     # Clipping at ±3 never bites on the tested cotangents v (|v| < 3), only on 2v − 3v'.
     "l'": (mm_clip_3, CLIP_ARGS, ref.mm, {}, {"linearity"}, []),
+    # Right in value, so every numerical check passes it; jax.grad then returns float64.
+    "m": (tanh_float64_cotangent, TANH32_ARGS, ref.tanh, {}, {"contract"}, []),
 }
 
 # Without a reference: finite differences and Taylor (and the adjoint test, whose J t then
@@ -592,7 +608,7 @@ def test_correct_module_passes(name):
 # ============================================================================================
 # docs/verifying.md's table "What each check catches" is EXPECTED
 # ============================================================================================
-_DOC_COLUMNS = ["autodiff", "finite_differences", "taylor", "adjoint", "linearity", "jit", "vmap",
+_DOC_COLUMNS = ["contract", "autodiff", "finite_differences", "taylor", "adjoint", "linearity", "jit", "vmap",
                 "reverse_over_reverse"]
 
 

@@ -2,7 +2,9 @@
 
 For a function ``fn`` with a hand-written VJP (any ``jax.custom_vjp`` function, or any function
 plus a separate ``backward(*args, v)``), ``verify_vjp`` returns a ``Report`` (see
-``check_report``) with, per input leaf and for random cotangents ``v``:
+``jbackprop.check.report``) with first the **contract** — every cotangent has exactly its
+primal's shape and dtype, and the reference's (``jbackprop.check.contract``) — then, per input
+leaf and for random cotangents ``v``:
 
 1. **autodiff**: the VJP against ``jax.vjp`` of a pure ``reference`` forward (if given);
 2. **finite differences**: central differences in float64, step ``ε^{1/3} · max(1, |x|)``
@@ -30,12 +32,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from jbackprop._compat import enable_x64
+from jbackprop.check.contract import cotangent_contract
 from jbackprop.check.report import Check, Comparison, Leaf, Report, Taylor, saved_residuals
 
 # Relative tolerance of a hand-written cotangent against autodiff, by the dtype it is computed in.
 TOLERANCES = {"float64": 1e-9, "float32": 1e-4, "float16": 5e-3, "bfloat16": 3e-2}
 FD_TOL = 1e-6             # float64 finite differences (their own error is ~1e-10)
-ALL_CHECKS = ("autodiff", "finite_differences", "taylor", "adjoint", "linearity", "jit", "vmap",
+ALL_CHECKS = ("contract", "autodiff", "finite_differences", "taylor", "adjoint", "linearity", "jit", "vmap",
               "reverse_over_reverse")
 _EPS64 = float(np.finfo(np.float64).eps)
 
@@ -100,7 +103,11 @@ def verify_vjp(fn: Callable, *args: Any, reference: Callable | None = None,
         first = args[argnums[0]]
         batch_argnums = argnums[1:] if len(argnums) > 1 and isinstance(first, (dict, list, tuple)) \
             else argnums
-    report_checks = [c for c in (checks64.get("adjoint"), *_working_dtype_checks(
+    contract = None
+    if "contract" in checks:
+        expected_g = prob.pullback(prob.leaves, v, use_reference=True) if reference else None
+        contract = cotangent_contract(prob.labels, prob.leaves, g, expected_g)
+    report_checks = [c for c in (contract, checks64.get("adjoint"), *_working_dtype_checks(
         prob, v, g, tol, checks, batch_argnums), checks64.get("reverse_over_reverse")) if c]
     nbytes, residuals = saved_residuals(lambda *l: prob.call(list(l)), prob.leaves, prob.labels) \
         if backward is None else (None, [])
@@ -134,7 +141,7 @@ class _Problem:
         A backward that cannot be compiled runs eagerly here; the jit check reports it."""
         try:
             return _pullback_jit(self.fn, self.reference, self.backward, self.argnums,
-                                 bool(use_reference), self.args, list(leaves), v)
+                                 bool(use_reference), _rules(self.fn), self.args, list(leaves), v)
         except Exception:  # noqa: BLE001
             return self.pullback_eager(leaves, v, use_reference)
 
@@ -164,8 +171,19 @@ class _Problem:
         return _Problem(self.fn, args, self.argnums, self.reference, self.backward, self.seed)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 4))
-def _pullback_jit(fn, reference, backward, argnums, use_reference, args, leaves, v):
+def _rules(fn) -> tuple:
+    """The rules a VJP has now: ``fwd`` and ``bwd`` of a ``custom_vjp`` (or of a module's core).
+
+    Part of the compiled pullback's cache key, so that a rule redefined on the same object
+    (``f.defvjp(fwd, fixed_bwd)``) is seen at the next call, not the stale compilation."""
+    fn = getattr(fn, "func", fn)                          # a functools.partial
+    core = getattr(fn, "core", fn)
+    return getattr(core, "fwd", None), getattr(core, "bwd", None)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 4, 5))
+def _pullback_jit(fn, reference, backward, argnums, use_reference, rules, args, leaves, v):
+    del rules                                             # in the cache key only
     return _Problem(fn, args, argnums, reference, backward, 0).pullback_eager(leaves, v, use_reference)
 
 
