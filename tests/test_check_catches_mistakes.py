@@ -355,7 +355,7 @@ def _mm_clipping(bound):
     return mm_clipping
 
 
-mm_clip_1, mm_clip_3 = _mm_clipping(1.0), _mm_clipping(3.0)
+mm_clip_1, mm_clip_3, mm_clip_10 = _mm_clipping(1.0), _mm_clipping(3.0), _mm_clipping(10.0)
 CLIP_ARGS = ({"W": n(17, 3, 4), "b": n(18, 3)}, n(19, 4))
 
 
@@ -406,6 +406,8 @@ MISTAKES = {
           ["params['W']", "params['b']", "z"]),
     # Clipping at ±3 never bites on the tested cotangents v (|v| < 3), only on 2v − 3v'.
     "l'": (mm_clip_3, CLIP_ARGS, ref.mm, {}, {"linearity"}, []),
+    # Clipping at ±10 is not reached even by 2v − 3v': only v scaled by 10⁶ reaches it.
+    "l''": (mm_clip_10, CLIP_ARGS, ref.mm, {}, {"linearity"}, []),
     # Right in value, so every numerical check passes it; jax.grad then returns float64.
     "m": (tanh_float64_cotangent, TANH32_ARGS, ref.tanh, {}, {"contract"}, []),
 }
@@ -619,7 +621,7 @@ def test_the_docs_table_is_these_results():
     section = found.group(1)
     rows = {}
     for line in section.splitlines():
-        m = re.match(r"\|\s*\(([a-z]'?)\)(?P<noref> no reference)?\s*\|", line)
+        m = re.match(r"\|\s*\(([a-z]'{0,2})\)(?P<noref> no reference)?\s*\|", line)
         if not m:
             continue
         cells = [c.strip() for c in line.strip().strip("|").split("|")]
