@@ -22,8 +22,9 @@ def test_report_of_a_correct_module():
     assert [leaf.leaf for leaf in r.leaves] == ["params['W']", "params['b']", "z"]
     for leaf in r.leaves:
         assert leaf.autodiff.passed and leaf.finite_differences.passed and leaf.taylor.passed
-    assert {c.name.split()[0] for c in r.checks} == {"contract", "adjoint", "linearity", "jit",
-                                                     "vmap", "reverse-over-reverse"}
+    assert {c.name.split()[0] for c in r.checks} == {"contract", "determinism", "adjoint",
+                                                     "linearity", "jit", "vmap",
+                                                     "reverse-over-reverse"}
     # the forward saves W and z: 3·2 + 2 float64 numbers
     assert r.residual_bytes == 8 * (6 + 2) and any("params['W']" in s for s in r.residuals)
     assert "params['W']" in str(r)

@@ -21,6 +21,7 @@ import re
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 import jbackprop as jb
@@ -33,7 +34,7 @@ P = functools.partial
 DOC = pathlib.Path(__file__).resolve().parents[1] / "docs" / "verifying.md"
 
 # The names of the whole-function checks in a Report, as in ALL_CHECKS.
-_CHECK_PREFIX = {"contract": "contract", "adjoint": "adjoint", "linearity": "linearity", "jit": "jit", "vmap": "vmap",
+_CHECK_PREFIX = {"contract": "contract", "determinism": "determinism", "adjoint": "adjoint", "linearity": "linearity", "jit": "jit", "vmap": "vmap",
                  "reverse-over-reverse": "reverse_over_reverse"}
 
 
@@ -373,6 +374,20 @@ tanh_float64_cotangent.defvjp(_tanh_fwd, _tanh_float64_bwd)
 TANH32_ARGS = (n(21, 5).astype(jnp.float32),)
 
 
+# --- (n) determinism: Python randomness in the backward -----------------------------------------
+@jax.custom_vjp
+def tanh_noisy(z):
+    return jnp.tanh(z)
+
+
+def _tanh_noisy_bwd(t, v):
+    wobble = 1 + 1e-12 * np.random.default_rng().standard_normal()   # BUG: a new draw per call
+    return ((1 - t * t) * v * wobble,)
+
+
+tanh_noisy.defvjp(_tanh_fwd, _tanh_noisy_bwd)
+
+
 # ============================================================================================
 # Expected results: which checks flag each mistake (the table in docs/verifying.md)
 # ============================================================================================
@@ -410,6 +425,8 @@ MISTAKES = {
     "l''": (mm_clip_10, CLIP_ARGS, ref.mm, {}, {"linearity"}, []),
     # Right in value, so every numerical check passes it; jax.grad then returns float64.
     "m": (tanh_float64_cotangent, TANH32_ARGS, ref.tanh, {}, {"contract"}, []),
+    # Within every tolerance (1e-12 relative), but two runs of one seed differ.
+    "n": (tanh_noisy, TANH_ARGS, ref.tanh, {}, {"determinism"}, []),
 }
 
 # Without a reference: finite differences and Taylor (and the adjoint test, whose J t then
@@ -610,7 +627,7 @@ def test_correct_module_passes(name):
 # ============================================================================================
 # docs/verifying.md's table "What each check catches" is EXPECTED
 # ============================================================================================
-_DOC_COLUMNS = ["contract", "autodiff", "finite_differences", "taylor", "adjoint", "linearity", "jit", "vmap",
+_DOC_COLUMNS = ["contract", "determinism", "autodiff", "finite_differences", "taylor", "adjoint", "linearity", "jit", "vmap",
                 "reverse_over_reverse"]
 
 

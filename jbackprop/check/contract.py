@@ -5,16 +5,21 @@ comparing any value.
   reference, the reference's). A backward that is right in value but returns float64 for a
   float32 input passes every numerical check, yet ``jax.grad`` then returns float64 and a
   ``lax.scan`` over the parameters breaks.
+* ``determinism``: two runs of the backward on the same inputs agree bit for bit. A backward
+  that draws Python randomness, or reads state that changes between calls, can be right to
+  every tolerance and still make two training runs from one seed differ.
 """
 from __future__ import annotations
 
 from typing import Sequence
 
 import jax.numpy as jnp
+import numpy as np
 
 from jbackprop.check.report import Check
 
 CONTRACT = "contract (cotangent shapes and dtypes)"
+DETERMINISM = "determinism (two runs bit for bit)"
 
 
 def _describe(x) -> str:
@@ -34,3 +39,12 @@ def cotangent_contract(labels: Sequence[str], primals: Sequence, cotangents: Seq
     if len(cotangents) != len(primals):
         wrong.append(f"{len(cotangents)} cotangents for {len(primals)} differentiable leaves")
     return Check(CONTRACT, float("inf") if wrong else 0.0, 0.0, "; ".join(wrong))
+
+
+def determinism(labels: Sequence[str], first: Sequence, second: Sequence) -> Check:
+    """A ``Check`` that fails naming every leaf whose cotangent differs, in any bit, between two
+    runs of the backward on the same inputs and ``v`` (NaN equal to NaN)."""
+    differ = [label for label, a, b in zip(labels, first, second)
+              if not np.array_equal(np.asarray(a), np.asarray(b), equal_nan=True)]
+    return Check(DETERMINISM, float("inf") if differ else 0.0, 0.0,
+                 f"differs between two runs: {', '.join(differ)}" if differ else "")

@@ -23,7 +23,6 @@ against float64 finite differences of it). The residual bytes come from ``jax.ad
 from __future__ import annotations
 
 import functools
-import inspect
 import math
 from typing import Any, Callable, Sequence
 
@@ -32,13 +31,17 @@ import jax.numpy as jnp
 import numpy as np
 
 from jbackprop._compat import enable_x64
-from jbackprop.check.contract import cotangent_contract
+from jbackprop.check.arrays import all_float as _all_float, compare as _compare, inner as _inner
+from jbackprop.check.arrays import is_float as _is_float, labels as _labels, normal as _normal
+from jbackprop.check.arrays import to64 as _to64
+from jbackprop.check.contract import cotangent_contract, determinism
 from jbackprop.check.report import Check, Comparison, Leaf, Report, Taylor, saved_residuals
 
 # Relative tolerance of a hand-written cotangent against autodiff, by the dtype it is computed in.
 TOLERANCES = {"float64": 1e-9, "float32": 1e-4, "float16": 5e-3, "bfloat16": 3e-2}
 FD_TOL = 1e-6             # float64 finite differences (their own error is ~1e-10)
-ALL_CHECKS = ("contract", "autodiff", "finite_differences", "taylor", "adjoint", "linearity", "jit", "vmap",
+ALL_CHECKS = ("contract", "determinism", "autodiff", "finite_differences", "taylor", "adjoint",
+              "linearity", "jit", "vmap",
               "reverse_over_reverse")
 _EPS64 = float(np.finfo(np.float64).eps)
 
@@ -107,7 +110,9 @@ def verify_vjp(fn: Callable, *args: Any, reference: Callable | None = None,
     if "contract" in checks:
         expected_g = prob.pullback(prob.leaves, v, use_reference=True) if reference else None
         contract = cotangent_contract(prob.labels, prob.leaves, g, expected_g)
-    report_checks = [c for c in (contract, checks64.get("adjoint"), *_working_dtype_checks(
+    repeat = determinism(prob.labels, g, prob.pullback_eager(prob.leaves, v)) \
+        if "determinism" in checks else None
+    report_checks = [c for c in (contract, repeat, checks64.get("adjoint"), *_working_dtype_checks(
         prob, v, g, tol, checks, batch_argnums), checks64.get("reverse_over_reverse")) if c]
     nbytes, residuals = saved_residuals(lambda *l: prob.call(list(l)), prob.leaves, prob.labels) \
         if backward is None else (None, [])
@@ -375,56 +380,3 @@ def _vmap_error(p: _Problem, batch_argnums, tol) -> float:
         for c, e, b in zip(cts, zip(*per), batched_leaf):
             errs.append(_compare(c, jnp.stack(e) if b else sum(e), tol).error)
     return max(errs)
-
-
-def _compare(actual, expected, tol) -> Comparison:
-    a, e = np.asarray(actual, np.float64), np.asarray(expected, np.float64)
-    if a.shape != e.shape:
-        return Comparison(float("inf"), float("inf"), (), float("nan"), float("nan"), tol,
-                          f"shape {a.shape} != expected {e.shape}")
-    diff = np.abs(a - e)
-    if not np.all(np.isfinite(a)):
-        diff = np.where(np.isfinite(a), diff, np.inf)
-    idx = np.unravel_index(int(np.argmax(diff)), a.shape) if a.size else ()
-    scale = float(np.max(np.abs(e), initial=0.0))
-    m = float(diff[idx]) if a.size else 0.0
-    err = m / scale if scale > 0 else (0.0 if m == 0 else float("inf"))
-    return Comparison(err, m, tuple(int(i) for i in idx), float(a[idx]) if a.size else 0.0,
-                      float(e[idx]) if a.size else 0.0, tol)
-
-
-def _labels(fn, args, argnums) -> list[str]:
-    try:
-        names = list(inspect.signature(fn).parameters)
-    except (TypeError, ValueError):
-        names = []
-    names = names if len(names) >= len(args) else [f"arg{i}" for i in range(len(args))]
-    out = []
-    for i in argnums:
-        for path, _ in jax.tree_util.tree_flatten_with_path(args[i])[0]:
-            out.append(names[i] + "".join(f"[{k.key!r}]" if hasattr(k, "key") else f"[{k.idx}]"
-                                          for k in path))
-    return out
-
-
-def _normal(seed, k, shape, dtype):
-    """Standard normal numbers from NumPy (no compilation per shape, unlike jax.random)."""
-    return jnp.asarray(np.random.default_rng([seed, k]).standard_normal(shape), dtype)
-
-
-def _inner(v, out):
-    return sum(jnp.vdot(jnp.asarray(a, jnp.result_type(b)), b)
-               for a, b in zip(jax.tree.leaves(v), jax.tree.leaves(out)))
-
-
-def _to64(tree):
-    return jax.tree.map(lambda a: jnp.asarray(a, jnp.float64) if _is_float(a) else a, tree)
-
-
-def _is_float(a) -> bool:
-    return jnp.issubdtype(jnp.asarray(a).dtype, jnp.floating)
-
-
-def _all_float(a) -> bool:
-    leaves = jax.tree.leaves(a)
-    return bool(leaves) and all(_is_float(x) for x in leaves)
