@@ -118,6 +118,29 @@ def test_the_contract_check_names_the_leaf_and_both_dtypes():
     assert verify_vjp(jb.mm, *args, reference=ref.mm).passed     # the library casts back
 
 
+def _square(backward):
+    @jax.custom_vjp
+    def square(z):
+        return z * z
+    square.defvjp(lambda z: (z * z, z), lambda z, v: (backward(z) * v,))
+    return square
+
+
+def test_a_smooth_point_is_not_a_kink():
+    """z² at 0: its one-sided differences differ by 2h, but the gap halves with the step, so it
+    is smooth and checked; a derivative wrong only at 0 is caught with no reference at all."""
+    z = jnp.array([0.0, 1.0, -2.0])
+    r = verify_vjp(_square(lambda z: 2 * z), z)
+    assert r.passed and r.leaves[0].finite_differences.note == ""
+    r = verify_vjp(_square(lambda z: jnp.where(z == 0, 1.0, 2 * z)), z)
+    assert not r.passed
+    fd = r.leaves[0].finite_differences
+    assert not fd.passed and fd.worst_index == (0,) and fd.expected == 0.0
+    # ReLU: at its kink and within a step h ≈ 6e-6 of it, points are left out
+    r = verify_vjp(jb.relu, jnp.array([0.0, 1.0, -2.0, 3e-6, -2e-6]), reference=ref.relu)
+    assert r.passed and r.leaves[0].finite_differences.note == "3 kink(s) left out"
+
+
 def test_bad_arguments():
     with pytest.raises(ValueError, match="unknown checks"):
         verify_vjp(jb.relu, jnp.ones(2), checks=("autodiff", "nope"))

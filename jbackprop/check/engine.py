@@ -210,8 +210,9 @@ _DIRECTIONS = 3
 def _finite_differences(p: _Problem, i: int, v, g, tol: float):
     """Central differences ``(J(x + h s) − J(x − h s)) / 2h`` of ``J = ⟨v, fn(x)⟩`` against the
     hand-written ``g``, per element ``s = e_j`` for small leaves, else along random directions,
-    with ``h = ε^{1/3} max(1, |x|)``. Where the one-sided differences disagree (a kink, e.g.
-    ReLU at 0) the point is left out. Returns the comparison and the kink mask (or None)."""
+    with ``h = ε^{1/3} max(1, |x|)``. Points where ``J`` has a kink (ReLU at 0) or that lie
+    within ``h`` of one are left out (``_kinks``). Returns the comparison and the kink mask (or
+    None)."""
     x = p.leaves[i]
     if x.size <= 64:
         h = _EPS64 ** (1 / 3) * jnp.maximum(1.0, jnp.abs(x))
@@ -222,11 +223,11 @@ def _finite_differences(p: _Problem, i: int, v, g, tol: float):
         steps = jnp.stack([hs * _normal(p.seed, 50 + k, x.shape, x.dtype) for k in range(_DIRECTIONS)])
         h = jnp.full((_DIRECTIONS,), hs)
     n = len(h)
-    Js = p.J_batch(i, v, jnp.concatenate([jnp.zeros_like(x)[None], steps, -steps]))
-    J0, Jp, Jm = Js[0], Js[1:n + 1], Js[n + 1:]
-    fd, fwd, bwd = (Jp - Jm) / (2 * h), (Jp - J0) / h, (J0 - Jm) / h
-    kink = np.asarray((jnp.abs(fwd - bwd) > 0.1 * (jnp.abs(fwd) + jnp.abs(bwd)))
-                      & (jnp.abs(fwd - bwd) > 1e-6 * (jnp.max(jnp.abs(fd)) + 1e-300)))
+    Js = p.J_batch(i, v, jnp.concatenate([jnp.zeros_like(x)[None], steps, -steps,
+                                          steps / 2, -steps / 2]))
+    J0, (Jp, Jm, Jp2, Jm2) = Js[0], (Js[1 + k * n:1 + (k + 1) * n] for k in range(4))
+    fd = (Jp - Jm) / (2 * h)
+    kink = _kinks(J0, Jp, Jm, Jp2, Jm2, h)
     g64 = np.asarray(g, np.float64)
     if x.size <= 64:                    # per element: the worst index is exact
         kink = kink.reshape(x.shape)
@@ -239,6 +240,26 @@ def _finite_differences(p: _Problem, i: int, v, g, tol: float):
     k = int(np.argmax(err))
     return Comparison(float(err[k]), float(abs(fd[k] - slope[k])), (), float(slope[k]), float(fd[k]),
                       tol, "directional" + (f", {int(kink.sum())} kink(s) left out" if kink.any() else "")), None
+
+
+def _kinks(J0, Jp, Jm, Jp2, Jm2, h) -> np.ndarray:
+    """Where ``J`` is not smooth within ``h``: the one-sided differences at ``h`` disagree (by
+    more than a tenth, and more than 1e-6 of the largest slope), *and* the disagreement does not
+    behave as a smooth function's would at ``h/2``.
+
+    For a smooth ``J`` the gap ``fwd − bwd = (J(x+h) − 2J(x) + J(x−h))/h ≈ h J''`` halves with
+    the step and the central differences at ``h`` and ``h/2`` agree (to ``O(h²)``); at a kink
+    the gap stays (ReLU at 0), and within ``h`` of one the two central differences disagree.
+    So ``z²`` at 0, whose gap is ``2h`` but halves, is smooth and checked."""
+    fwd, bwd = (Jp - J0) / h, (J0 - Jm) / h
+    gap, gap2 = fwd - bwd, (Jp2 - 2 * J0 + Jm2) / (h / 2)
+    fd, fd2 = (Jp - Jm) / (2 * h), (Jp2 - Jm2) / h
+    disagree = (jnp.abs(gap) > 0.1 * (jnp.abs(fwd) + jnp.abs(bwd))) \
+        & (jnp.abs(gap) > 1e-6 * (jnp.max(jnp.abs(fd)) + 1e-300))
+    roundoff = 1e2 * _EPS64 * (jnp.abs(J0) + jnp.abs(Jp) + jnp.abs(Jm)) / h
+    smooth = (jnp.abs(gap2 - gap / 2) <= 0.25 * jnp.abs(gap) + 4 * roundoff) \
+        & (jnp.abs(fd - fd2) <= 1e-6 * (jnp.abs(fd) + jnp.abs(fd2)) + roundoff)
+    return np.asarray(disagree & ~smooth)
 
 
 def _taylor(p: _Problem, i: int, v, g, kink) -> Taylor:
