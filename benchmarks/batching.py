@@ -17,7 +17,6 @@ import jax
 import jax.numpy as jnp
 
 import jbackprop as jb
-from jbackprop import reference as ref
 
 
 @jax.custom_vjp

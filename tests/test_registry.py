@@ -91,6 +91,23 @@ def test_notes_form_backward(case):
                        checks=("autodiff",), **case.options)
 
 
+BATCHED = [c for c in CASES if c.declaration.batch_axes]
+
+
+@pytest.mark.parametrize("case", BATCHED, ids=[c.name for c in BATCHED])
+def test_leading_batch_axes_equal_vmap(case):
+    """A module declared with ``batch_axes=True`` takes extra leading axes of its data (every
+    argument that is not a parameter container) as a batch: the same as ``jax.vmap``."""
+    args = cast_case(case.args, "float64")
+    data = [i for i, a in enumerate(args) if not isinstance(a, (dict, list, tuple))]
+    vary = case.options["argnums"]                 # a second, different example; labels repeat
+    batched = [jax.tree.map(lambda x: jnp.stack([x, 0.5 * x + 1 if i in vary else x]), a)
+               if i in data else a for i, a in enumerate(args)]
+    in_axes = tuple(0 if i in data else None for i in range(len(args)))
+    chex.assert_trees_all_close(case.fn(*batched), jax.vmap(case.fn, in_axes)(*batched),
+                                rtol=1e-12, atol=1e-12)
+
+
 # --- completeness: every public module is declared, and every declaration is complete --------
 def _anchors(page: pathlib.Path) -> set[str]:
     """Heading anchors as MkDocs' toc extension makes them (explicit ``{#id}`` or slugified)."""

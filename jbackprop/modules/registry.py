@@ -82,7 +82,8 @@ def declare(fn: Callable, *, reference: Callable, examples: Callable, family: st
       nondiff: argument positions never differentiated (labels, even when float).
       uses: the cores whose backward ``jax.grad`` must run (default: ``core``).
       kinks: where the derivative jumps and which value the rule takes there.
-      batch_axes: whether extra leading axes of the data are a batch.
+      batch_axes: whether extra leading axes of the data are a batch (the tests compare them
+        with ``jax.vmap``).
       layer: the name of the module's stax-like layer in ``combinators`` (``None``: no layer;
         losses take labels and models are built from layers).
       init: ``(key, in_shape, dtype) -> params`` for a layer generated from the registry.
