@@ -11,6 +11,8 @@ only this file changes.
 * ``shaped_array``: the abstract value of one output of the primitive.
 * ``custom_vjp_rules``: the forward rule, backward rule and non-differentiable argument
   positions stored on a ``jax.custom_vjp`` function (for ``M.vjp`` / ``M.backward``).
+* ``set_custom_vjp_rules``: putting a forward and backward rule on a ``jax.custom_vjp``
+  function (or back), as exactly these objects (``jbackprop.check.nonfinite``).
 * ``enable_x64``: the context manager that turns on float64 (``jax.enable_x64`` from JAX 0.8,
   ``jax.experimental.enable_x64`` before).
 """
@@ -24,7 +26,7 @@ from jax.interpreters import ad, batching, mlir
 OLDEST_TESTED_JAX = "0.7.0"
 
 __all__ = ["Primitive", "ad", "batching", "mlir", "Tracer", "shaped_array", "custom_vjp_rules",
-           "OLDEST_TESTED_JAX", "enable_x64"]
+           "set_custom_vjp_rules", "OLDEST_TESTED_JAX", "enable_x64"]
 
 
 def shaped_array(struct) -> ShapedArray:
@@ -38,6 +40,13 @@ def custom_vjp_rules(core):
     import inspect
     names = list(inspect.signature(core.fun).parameters)
     return core.fwd, core.bwd, tuple(core.nondiff_argnums), names
+
+
+def set_custom_vjp_rules(core, fwd, bwd) -> None:
+    """Store ``fwd`` and ``bwd`` on a ``jax.custom_vjp`` function as these very objects (what
+    ``defvjp(fwd, bwd)`` stores, without any wrapping), so that restoring a saved pair gives
+    back the identical rules."""
+    core.fwd, core.bwd = fwd, bwd
 
 
 def enable_x64(on: bool = True):

@@ -22,9 +22,9 @@ def test_report_of_a_correct_module():
     assert [leaf.leaf for leaf in r.leaves] == ["params['W']", "params['b']", "z"]
     for leaf in r.leaves:
         assert leaf.autodiff.passed and leaf.finite_differences.passed and leaf.taylor.passed
-    assert {c.name.split()[0] for c in r.checks} == {"contract", "determinism", "adjoint",
-                                                     "linearity", "jit", "vmap",
-                                                     "reverse-over-reverse"}
+    assert {c.key for c in r.checks} == set(ALL_CHECKS) - {"autodiff", "finite_differences", "taylor"}
+    # float64 with no integer leaves: the precision budget and the integer check have nothing to do
+    assert {c.key for c in r.checks if c.skipped} == {"precision", "integer_leaves"}
     # the forward saves W and z: 3·2 + 2 float64 numbers
     assert r.residual_bytes == 8 * (6 + 2) and any("params['W']" in s for s in r.residuals)
     assert "params['W']" in str(r)
@@ -41,7 +41,7 @@ def test_taylor_rates_of_a_smooth_function():
 def test_works_without_reference_and_with_a_separate_backward():
     r = verify_vjp(jb.mm, P, Z)  # finite differences, Taylor, adjoint, 2nd order: no reference
     assert r.passed and r.leaves[0].autodiff is None
-    assert not any(c.skipped for c in r.checks)
+    assert {c.key for c in r.checks if c.skipped} == {"precision", "integer_leaves"}
     r = verify_vjp(jb.mm, P, Z, reference=ref.mm, backward=jb.backward(jb.mm))
     assert r.passed and r.residual_bytes is None
 
@@ -68,8 +68,11 @@ def test_tolerance_by_dtype_separates_round_off_from_mistakes(dtype, delta, pass
                    checks=WORKING_DTYPE_PARTS)
     assert r.dtype == dtype
     assert r.passed is passes, r.failures()
-    measured = r.leaves[0].autodiff.error      # the report measures the planted error itself
-    assert measured == pytest.approx(delta, rel=0.05, abs=8 * float(jnp.finfo(dtype).eps))
+    # the report measures the planted error, relative to |e_i| + the element's local scale
+    # (for the sigmoid here, at most about 3 |e_i|): between δ/4 and δ, or round-off for δ = 0
+    measured = r.leaves[0].autodiff.error
+    eps = float(jnp.finfo(dtype).eps)
+    assert delta / 4 - eps <= measured <= delta + 8 * eps
 
 
 def test_assert_vjp_correct_message_names_leaf_index_values_and_tolerance():
@@ -136,9 +139,10 @@ def test_a_smooth_point_is_not_a_kink():
     assert not r.passed
     fd = r.leaves[0].finite_differences
     assert not fd.passed and fd.worst_index == (0,) and fd.expected == 0.0
-    # ReLU: at its kink and within a step h ≈ 6e-6 of it, points are left out
+    # ReLU: its kink is left out; points within the top step h₀ ≈ 6e-6 of it are checked at a
+    # smaller step of the ladder, where the differences agree
     r = verify_vjp(jb.relu, jnp.array([0.0, 1.0, -2.0, 3e-6, -2e-6]), reference=ref.relu)
-    assert r.passed and r.leaves[0].finite_differences.note == "3 kink(s) left out"
+    assert r.passed and r.leaves[0].finite_differences.note == "1 kink(s) left out"
 
 
 def test_bad_arguments():
@@ -154,7 +158,7 @@ def test_each_check_runs_alone(check):
     r = verify_vjp(jb.tanh, jnp.array([0.3, -1.2]), reference=ref.tanh, checks=(check,))
     leaf_parts = {p for p in ("autodiff", "finite_differences", "taylor")
                   if getattr(r.leaves[0], p) is not None}
-    whole = {c.name.split()[0].replace("-", "_") for c in r.checks}
+    whole = {c.key for c in r.checks}
     assert leaf_parts | whole == {check} and r.passed
 
 

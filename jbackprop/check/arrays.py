@@ -11,20 +11,31 @@ import numpy as np
 from jbackprop.check.report import Comparison
 
 
-def compare(actual, expected, tol) -> Comparison:
+def compare(actual, expected, tol, scale=None, noise=None) -> Comparison:
+    """Per element: ``max(0, |a_i − e_i| − noise_i) / (|e_i| + scale_i)``, the worst element.
+
+    ``scale`` is the element's local scale (``differences.local_scale``: how much ``e_i`` moves
+    when the inputs move by their relative round-off), ``noise`` the evidence's own error (finite
+    differences). Neither is the largest element of the leaf: a 200 % error on a small element
+    next to large ones fails. A non-finite ``a_i`` where ``e_i`` is finite is an infinite error."""
     a, e = np.asarray(actual, np.float64), np.asarray(expected, np.float64)
     if a.shape != e.shape:
         return Comparison(float("inf"), float("inf"), (), float("nan"), float("nan"), tol,
                           f"shape {a.shape} != expected {e.shape}")
+    if not a.size:
+        return Comparison(0.0, 0.0, (), 0.0, 0.0, tol)
     diff = np.abs(a - e)
-    if not np.all(np.isfinite(a)):
-        diff = np.where(np.isfinite(a), diff, np.inf)
-    idx = np.unravel_index(int(np.argmax(diff)), a.shape) if a.size else ()
-    scale = float(np.max(np.abs(e), initial=0.0))
-    m = float(diff[idx]) if a.size else 0.0
-    err = m / scale if scale > 0 else (0.0 if m == 0 else float("inf"))
-    return Comparison(err, m, tuple(int(i) for i in idx), float(a[idx]) if a.size else 0.0,
-                      float(e[idx]) if a.size else 0.0, tol)
+    diff = np.where(a == e, 0.0, np.where(np.isfinite(diff), diff, np.inf))
+    excess = np.maximum(0.0, diff - (0.0 if noise is None else np.asarray(noise, np.float64)))
+    floor = np.abs(np.where(np.isfinite(e), e, 0.0)) + (0.0 if scale is None else np.asarray(scale, np.float64))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        err = np.where(excess == 0, 0.0, excess / np.maximum(floor, _TINY))
+    idx = np.unravel_index(int(np.argmax(err)), a.shape)
+    return Comparison(float(err[idx]), float(diff[idx]), tuple(int(i) for i in idx), float(a[idx]),
+                      float(e[idx]), tol)
+
+
+_TINY = float(np.finfo(np.float64).tiny)
 
 
 def labels(fn, args, argnums) -> list[str]:

@@ -15,9 +15,9 @@ from typing import Any, Sequence
 class Comparison:
     """Hand-written cotangent of one leaf against independent evidence.
 
-    ``error`` is ``max|actual − expected| / max|expected|`` over the leaf (relative to the
-    leaf's scale, so zeros in ``expected`` do not blow it up); ``worst_index`` is where
-    ``|actual − expected|`` is largest, with both values there.
+    ``error`` is the largest per-element error ``|actual_i − expected_i| / (|expected_i| +
+    scale_i)`` (``jbackprop.check.arrays.compare``: ``scale_i`` is the element's local scale,
+    never the leaf's largest element); ``worst_index`` is that element, with both values there.
     """
     error: float
     max_abs: float
@@ -55,12 +55,14 @@ class Taylor:
 
 @dataclasses.dataclass
 class Check:
-    """A whole-function check (adjoint, linearity, jit, vmap, reverse-over-reverse)."""
+    """A whole-function check (contract, primal, adjoint, linearity, jit, vmap, …); ``key`` is its
+    name in ``ALL_CHECKS``."""
     name: str
     error: float
     tol: float
     note: str = ""
     skipped: bool = False
+    key: str = ""
 
     @property
     def passed(self) -> bool:
@@ -76,11 +78,13 @@ class Leaf:
     autodiff: Comparison | None = None
     finite_differences: Comparison | None = None
     taylor: Taylor | None = None
+    note: str = ""             # what was done with it: an integer leaf is not differentiated
+    ok: bool = True            # an integer leaf: its cotangent was a float0 zero (or None)
 
     @property
     def passed(self) -> bool:
         parts = (self.autodiff, self.finite_differences, self.taylor)
-        return all(p.passed for p in parts if p is not None)
+        return self.ok and all(p.passed for p in parts if p is not None)
 
 
 @dataclasses.dataclass
@@ -101,6 +105,8 @@ class Report:
         """One line per failed part, naming the leaf, the worst index, both values, the tol."""
         out = []
         for leaf in self.leaves:
+            if not leaf.ok:
+                out.append(f"{self.name}: {leaf.leaf}: {leaf.note}")
             for what, c in (("autodiff", leaf.autodiff), ("finite differences", leaf.finite_differences)):
                 if c is not None and not c.passed:
                     out.append(f"{self.name}: {leaf.leaf} vs {what}: error {c.error:.3g} > tol "
@@ -136,7 +142,8 @@ class Report:
         """Table rows: module · dtype · leaf · vs autodiff · vs finite diff · Taylor · bytes · pass."""
         rows = []
         for i, leaf in enumerate(self.leaves):
-            rows.append((self.name, self.dtype, leaf.leaf, _fmt(leaf.autodiff), _fmt(leaf.finite_differences),
+            rows.append((self.name, self.dtype, leaf.leaf, _fmt(leaf.autodiff) if leaf.autodiff or not leaf.note
+                         else leaf.note, _fmt(leaf.finite_differences),
                          _fmt_taylor(leaf.taylor),
                          _fmt_bytes(self.residual_bytes) if i == 0 else "",
                          "yes" if leaf.passed else "NO"))

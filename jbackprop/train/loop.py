@@ -135,6 +135,26 @@ def train_step(loss: Callable, opt: optax.GradientTransformation, params: Any, o
     return optax.apply_updates(params, updates), opt_state, value
 
 
+def epoch_batches(n: int, key: jax.Array, batch_size: int) -> tuple[jax.Array, jax.Array]:
+    """The mini-batches of one ``train_epoch``: ``(indices (steps, batch_size), noise key)``,
+    from a permutation of the ``n`` examples drawn with ``key``."""
+    k_perm, k_noise = jax.random.split(key)
+    return jax.random.permutation(k_perm, n)[:(n // batch_size) * batch_size].reshape(
+        -1, batch_size), k_noise
+
+
+def mini_batch(x: jax.Array, y: jax.Array, idx: jax.Array, i: jax.Array | int, k_noise: jax.Array,
+               input_noise: float = 0.0, batch_sharding: Any = None) -> tuple[jax.Array, jax.Array]:
+    """Step ``i``'s mini-batch ``(xb, yb)`` of ``train_epoch``: rows ``idx`` of ``x, y``, with
+    Gaussian noise of std ``input_noise`` drawn from ``fold_in(k_noise, i)`` on ``xb``."""
+    xb, yb = x[idx], y[idx]
+    if batch_sharding is not None:
+        xb, yb = jax.lax.with_sharding_constraint((xb, yb), batch_sharding)
+    if input_noise:
+        xb = xb + input_noise * jax.random.normal(jax.random.fold_in(k_noise, i), xb.shape, xb.dtype)
+    return xb, yb
+
+
 def train_epoch(loss: Callable, opt: optax.GradientTransformation, state: TrainState,
                 x: jax.Array, y: jax.Array, key: jax.Array, batch_size: int,
                 input_noise: float = 0.0, batch_sharding: Any = None) -> tuple[TrainState, jax.Array]:
@@ -147,17 +167,11 @@ def train_epoch(loss: Callable, opt: optax.GradientTransformation, state: TrainS
     if not 1 <= batch_size <= x.shape[0]:
         raise ValueError(f"train_epoch: batch_size must be in 1..{x.shape[0]} (the examples in x), "
                          f"got {batch_size}")
-    n = (x.shape[0] // batch_size) * batch_size
-    k_perm, k_noise = jax.random.split(key)
-    batches = jax.random.permutation(k_perm, x.shape[0])[:n].reshape(-1, batch_size)
+    batches, k_noise = epoch_batches(x.shape[0], key, batch_size)
 
     def step(carry, inputs):
         idx, i = inputs
-        xb, yb = x[idx], y[idx]
-        if batch_sharding is not None:
-            xb, yb = jax.lax.with_sharding_constraint((xb, yb), batch_sharding)
-        if input_noise:
-            xb = xb + input_noise * jax.random.normal(jax.random.fold_in(k_noise, i), xb.shape, xb.dtype)
+        xb, yb = mini_batch(x, y, idx, i, k_noise, input_noise, batch_sharding)
         params, opt_state, value = train_step(loss, opt, *carry, xb, yb)
         return (params, opt_state), value
 

@@ -1,5 +1,6 @@
 """The loop behind ``jbackprop train``: epochs with a progress bar, an atomic checkpoint every
-epoch, ``--resume``, a stop with a clear message on a non-finite loss, Ctrl-C, and
+epoch, ``--resume``, a stop with a clear message on a non-finite loss or gradient (naming the
+step, and the module where it started: ``jbackprop.check.locate_nonfinite``), Ctrl-C, and
 ``metrics.json`` and ``curves.png`` in the output folder.
 
 It needs the ``cli`` extra (``pip install "jbackprop[cli]"``): matplotlib for the curves,
@@ -20,14 +21,15 @@ import numpy as np
 
 from jbackprop._optional import import_optional
 from jbackprop.train import data as datasets, distributed
-from jbackprop.train.loop import (Config, TrainState, evaluate, make_loss, make_model, make_optimizer,
-                             train_epoch)
+from jbackprop.train.loop import (Config, TrainState, epoch_batches, evaluate, make_loss, make_model,
+                                  make_optimizer, mini_batch, train_epoch, train_step)
 
 CHECKPOINT = "checkpoint.pkl"
 
 
 class NonFiniteLoss(RuntimeError):
-    """The training loss became NaN or Inf; the last good checkpoint is kept."""
+    """The training loss, gradient or parameters became NaN or Inf; the last good checkpoint is
+    kept. The message names the step and the module where it started."""
 
 
 def save_checkpoint(path: str, state: TrainState, history: list[dict], cfg: Config) -> None:
@@ -107,15 +109,14 @@ def fit(cfg: Config, out_dir: str, resume: bool = False, progress: bool = True) 
     try:
         while int(state.epoch) < cfg.epochs:
             t = time.perf_counter()
-            new, losses = epoch_fn(state, jax.random.fold_in(key, int(state.epoch)))
+            epoch_key = jax.random.fold_in(key, int(state.epoch))
+            new, losses = epoch_fn(state, epoch_key)
             losses = np.asarray(losses)
-            if not np.all(np.isfinite(losses)):
-                bad = int(np.argmax(~np.isfinite(losses)))
+            if not (np.all(np.isfinite(losses)) and bool(_all_finite(new.params))):
                 kept = (f"keeping the last good checkpoint {ckpt} (epoch {int(state.epoch)})"
                         if os.path.exists(ckpt) else "no epoch had finished, so no checkpoint")
-                raise NonFiniteLoss(
-                    f"the training loss became {losses[bad]} at step {int(state.epoch) * steps_per_epoch + bad + 1} "
-                    f"(epoch {int(state.epoch) + 1}, batch {bad + 1}); stopped, {kept}. Try a smaller --lr.")
+                raise NonFiniteLoss(_non_finite_message(loss, opt, cfg, state, x, y, epoch_key,
+                                                        losses, steps_per_epoch, kept))
             state = new
             tr_loss, tr_metric = eval_fn(state.params, x, y)
             te_loss, te_metric = eval_fn(state.params, jnp.asarray(ds.x_test), jnp.asarray(ds.y_test))
@@ -144,6 +145,66 @@ def fit(cfg: Config, out_dir: str, resume: bool = False, progress: bool = True) 
     os.replace(os.path.join(out_dir, "metrics.json.tmp"), os.path.join(out_dir, "metrics.json"))
     _plot(history, metric, os.path.join(out_dir, "curves.png"), f"{cfg.model} on {ds.name}")
     return metrics
+
+
+@jax.jit
+def _all_finite(tree) -> jax.Array:
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(a)) for a in jax.tree.leaves(tree)]))
+
+
+def _first_bad_step(loss, opt, cfg: Config, state: TrainState, x, y, key):
+    """Re-run the epoch from ``state`` one jit-compiled step at a time, on the same mini-batches
+    (``epoch_batches``, ``mini_batch``), and return ``(i, loss, gradient finite, params, xb,
+    yb)`` of the first step whose loss, gradient or updated parameters are not finite
+    (``params``: from before that step), or ``None``."""
+    state, x, y = jax.tree.map(jnp.asarray, jax.device_get((state, x, y)))   # one device
+
+    @jax.jit
+    def step(params, opt_state, xb, yb):
+        value, grads = jax.value_and_grad(loss)(params, xb, yb)
+        new_params, opt_state, _ = train_step(loss, opt, params, opt_state, xb, yb)
+        return new_params, opt_state, value, _all_finite(grads), _all_finite(new_params)
+    batches, k_noise = epoch_batches(x.shape[0], key, cfg.batch_size)
+    params, opt_state = state.params, state.opt_state
+    for i in range(batches.shape[0]):
+        xb, yb = mini_batch(x, y, batches[i], i, k_noise, cfg.input_noise)
+        new_params, opt_state, value, grads_ok, params_ok = step(params, opt_state, xb, yb)
+        if not (np.isfinite(value) and grads_ok and params_ok):
+            return i, float(value), bool(grads_ok), params, xb, yb
+        params = new_params
+    return None
+
+
+def _non_finite_message(loss, opt, cfg: Config, state: TrainState, x, y, key, losses,
+                        steps_per_epoch: int, kept: str) -> str:
+    """Which step of the epoch went non-finite, loss or gradient, and where in the modules
+    (``locate_nonfinite`` on that step's loss, parameters and mini-batch, run eagerly)."""
+    from jbackprop.check.nonfinite import locate_nonfinite
+    bad, value, grads_ok, found = None, None, True, ""
+    try:
+        hit = _first_bad_step(loss, opt, cfg, state, x, y, key)
+        if hit is None:
+            found = " (re-running the epoch step by step did not reproduce it)"
+        else:
+            bad, value, grads_ok, params, xb, yb = hit
+            found = (f"\n  In the forward and backward of that step's loss: "
+                     f"{locate_nonfinite(loss, params, xb, yb, argnums=0)}.")
+    except Exception as e:  # the diagnosis must never hide the stop itself
+        found = f" (could not locate it: {type(e).__name__}: {e})"
+    if bad is None and not np.all(np.isfinite(losses)):
+        bad = int(np.argmax(~np.isfinite(losses)))
+        value = losses[bad]
+    epoch = int(state.epoch)
+    if bad is None:
+        what = f"the parameters became non-finite in epoch {epoch + 1}"
+    else:
+        what = (f"the training loss became {value}" if not np.isfinite(value) else
+                f"the gradient became non-finite (the loss was finite, {value:.6g})"
+                if not grads_ok else "the update made the parameters non-finite (the loss, "
+                f"{value:.6g}, and the gradient were finite)")
+        what += (f" at step {epoch * steps_per_epoch + bad + 1} (epoch {epoch + 1}, "
+                 f"batch {bad + 1})")
+    return f"{what}; stopped, {kept}.{found}\n  Try a smaller --lr."
 
 
 def _mesh(cfg: Config):
