@@ -17,7 +17,7 @@ def _check(args: argparse.Namespace) -> int:
     import jax
     jax.config.update("jax_enable_x64", True)  # float64 finite differences and references
     from jbackprop.check.cases import library_reports
-    from jbackprop.check.report import format_table
+    from jbackprop.check.report import format_table, summary_table
 
     dtypes = ("float32", "float64") if args.dtype == "all" else (args.dtype,)
     start = time.perf_counter()
@@ -26,6 +26,7 @@ def _check(args: argparse.Namespace) -> int:
         print(f"jbackprop check: no module matches {args.module!r}", file=sys.stderr)
         return 2
     print(format_table(reports))
+    print("\n" + summary_table(reports))
     failed = [r for r in reports if not r.passed]
     for r in failed:
         print("\n".join(r.failures()))

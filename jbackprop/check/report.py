@@ -169,6 +169,32 @@ def format_table(reports: Sequence[Report]) -> str:
     return "\n".join([line(HEADER), line(["-" * w for w in widths])] + [line(b) for b in body])
 
 
+def summary_table(reports: Sequence[Report]) -> str:
+    """One row per check over many reports: how many ran, passed, failed and were skipped, and
+    the worst ``error / tol`` (``jbackprop check`` prints it after the per-leaf table)."""
+    stats: dict[str, list] = {}
+
+    def add(key, passed, skipped, ratio):
+        row = stats.setdefault(key, [0, 0, 0, 0.0])
+        row[0 if skipped else (1 if passed else 2)] += 1
+        row[3] = max(row[3], ratio)
+    for rep in reports:
+        for leaf in rep.leaves:
+            for key in ("autodiff", "finite_differences", "taylor"):
+                part = getattr(leaf, key)
+                if part is not None:
+                    ratio = part.error / part.tol if isinstance(part, Comparison) and part.tol else 0.0
+                    add(key, part.passed, False, ratio)
+        for c in rep.checks:
+            add(c.key or c.name, c.passed, c.skipped,
+                0.0 if c.skipped or c.error == 0 else (c.error / c.tol if c.tol else math.inf))
+    header = ("check", "skipped", "passed", "failed", "worst error / tol")
+    body = [(k, str(sk), str(ok), str(bad), f"{r:.2g}") for k, (sk, ok, bad, r) in stats.items()]
+    widths = [max(len(x) for x in col) for col in zip(header, *body)]
+    line = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip()
+    return "\n".join([line(header), line(["-" * w for w in widths])] + [line(b) for b in body])
+
+
 def _fmt(c: Comparison | None) -> str:
     if c is None:
         return "-"
