@@ -13,6 +13,13 @@ only this file changes.
   positions stored on a ``jax.custom_vjp`` function (for ``M.vjp`` / ``M.backward``).
 * ``set_custom_vjp_rules``: putting a forward and backward rule on a ``jax.custom_vjp``
   function (or back), as exactly these objects (``jbackprop.check.nonfinite``).
+* ``varying_axes`` and ``mark_varying``: inside ``jax.shard_map``, the mesh axes along which
+  a value varies (its type's ``vma``) and the cast that makes a replicated value varying
+  (``lax.pcast(..., to="varying")``, ``lax.pvary`` before it; the type's ``vma``, its
+  ``manual_axis_type.varying`` from JAX 0.10); outside ``shard_map``, or
+  on a JAX without them, no axes and the identity.
+* ``explicit_sharding``: the sharding of a value typed on a mesh with ``AxisType.Explicit``
+  axes (``None`` otherwise), passed as ``out_sharding`` to a contraction over sharded axes.
 * ``enable_x64``: the context manager that turns on float64 (``jax.enable_x64`` from JAX 0.8,
   ``jax.experimental.enable_x64`` before).
 """
@@ -26,13 +33,22 @@ from jax.interpreters import ad, batching, mlir
 OLDEST_TESTED_JAX = "0.7.0"
 
 __all__ = ["Primitive", "ad", "batching", "mlir", "Tracer", "shaped_array", "custom_vjp_rules",
-           "set_custom_vjp_rules", "OLDEST_TESTED_JAX", "enable_x64"]
+           "set_custom_vjp_rules", "OLDEST_TESTED_JAX", "enable_x64", "varying_axes", "mark_varying",
+           "explicit_sharding"]
 
 
-def shaped_array(struct) -> ShapedArray:
+def shaped_array(struct, like=None) -> ShapedArray:
     """The abstract value of a ``jax.ShapeDtypeStruct`` (from ``jax.eval_shape``), keeping its
-    weak type (a Python scalar's ``0.0`` must not turn float16 arithmetic into float32)."""
-    return ShapedArray(struct.shape, struct.dtype, weak_type=bool(struct.weak_type))
+    weak type (a Python scalar's ``0.0`` must not turn float16 arithmetic into float32), and,
+    inside ``shard_map``, varying along the same mesh axes as the input aval ``like``."""
+    aval = ShapedArray(struct.shape, struct.dtype, weak_type=bool(struct.weak_type))
+    if like is None or not varying_axes_of_aval(like):
+        return aval
+    if getattr(like, "manual_axis_type", None) is not None:           # JAX ≥ 0.10
+        from jax.sharding import NamedSharding, PartitionSpec
+        return aval.update(sharding=NamedSharding(like.sharding.mesh, PartitionSpec()),
+                           manual_axis_type=like.manual_axis_type)
+    return aval.update(vma=like.vma)                                   # JAX 0.7–0.9
 
 
 def custom_vjp_rules(core):
@@ -55,3 +71,39 @@ def enable_x64(on: bool = True):
         return jax.enable_x64(on)
     from jax.experimental import enable_x64 as legacy   # JAX < 0.8
     return legacy(on)
+
+
+def varying_axes(x) -> frozenset:
+    """The ``shard_map`` mesh axes along which ``x`` varies (empty outside ``shard_map``)."""
+    typeof = getattr(jax, "typeof", None)
+    if typeof is None:
+        return frozenset()
+    return varying_axes_of_aval(typeof(x))
+
+
+def varying_axes_of_aval(aval) -> frozenset:
+    """The mesh axes an abstract value varies along (its ``vma``)."""
+    manual = getattr(aval, "manual_axis_type", None)           # JAX ≥ 0.10
+    if manual is not None:
+        return frozenset(manual.varying)
+    return frozenset(getattr(aval, "vma", None) or ())        # JAX 0.7–0.9
+
+
+def mark_varying(x, axes: tuple):
+    """``x`` cast to vary along ``axes`` too; its transpose sums the cotangent over them."""
+    if hasattr(jax.lax, "pcast"):
+        return jax.lax.pcast(x, axes, to="varying")
+    if hasattr(jax.lax, "pvary"):
+        return jax.lax.pvary(x, axes)
+    return x
+
+
+def explicit_sharding(x):
+    """``x``'s sharding if its mesh has ``AxisType.Explicit`` axes, else ``None``."""
+    typeof = getattr(jax, "typeof", None)
+    sharding = getattr(typeof(x), "sharding", None) if typeof else None
+    mesh = getattr(sharding, "mesh", None)
+    explicit = getattr(getattr(jax.sharding, "AxisType", None), "Explicit", None)
+    if mesh is None or explicit is None or explicit not in tuple(getattr(mesh, "axis_types", ())):
+        return None
+    return sharding

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 from jbackprop import reference
 from jbackprop.modules import arguments
 from jbackprop.modules.registry import declare, normal
-from jbackprop.modules.wiring import apply
+from jbackprop.modules.wiring import apply, sum_over_batch
 
 # The public modules, re-exported by jbackprop.
 __all__ = ["mm"]
@@ -32,7 +32,7 @@ def _mm_fwd(params, z):
 def _mm_bwd(res, v):
     W, z, keys = res
     batch = tuple(range(z.ndim - 1))                 # leading (batch) axes, summed over
-    W_bar = jnp.tensordot(v, z, axes=(batch, batch))  # B[MM, W](v) = v zᵀ   (Σ_batch: Vᵀ X)
+    W_bar = sum_over_batch(v, z, batch, like=W)        # B[MM, W](v) = v zᵀ   (Σ_batch: Vᵀ X)
     # W_bar first: then z (often kept only for this) is dead before z_bar's buffer is needed.
     # XLA may otherwise schedule z_bar first and hold both (+1 activation of temporary memory).
     W_bar, v = jax.lax.optimization_barrier((W_bar, v))

@@ -40,7 +40,8 @@ import jax
 import jax.numpy as jnp
 from jax import tree_util
 
-from jbackprop._compat import Primitive, ad, batching, custom_vjp_rules, mlir, shaped_array
+from jbackprop._compat import (Primitive, ad, batching, custom_vjp_rules, explicit_sharding,
+                               mark_varying, mlir, shaped_array, varying_axes)
 
 _call_p = Primitive("jbackprop_call")
 _call_p.multiple_results = True
@@ -76,7 +77,8 @@ def _impl(*flat, call: _Static):
 
 def _abstract_eval(*avals, call: _Static):
     structs = [jax.ShapeDtypeStruct(a.shape, a.dtype, weak_type=a.weak_type) for a in avals]
-    return [shaped_array(o) for o in jax.eval_shape(call, *structs)]
+    # inside shard_map the core's arrays vary along the same axes (``_same_varying_axes``)
+    return [shaped_array(o, avals[0] if avals else None) for o in jax.eval_shape(call, *structs)]
 
 
 def _jvp(primals, tangents, *, call: _Static):
@@ -125,6 +127,7 @@ def apply(core: Callable, *arrays: Any, batch_argnums: Sequence[int] = (), **hyp
         ``jax.vmap`` of the module runs the core once on the whole batch (module docstring).
       **hyper: the static hyper-parameters.
     """
+    arrays = _same_varying_axes(arrays)
     if _RECORDERS and _RECORDERS[-1].armed:         # inside M.vjp: the forward rule, by hand
         rec = _RECORDERS[-1]
         rec.armed, rec.count = False, rec.count + 1
@@ -143,6 +146,40 @@ def apply(core: Callable, *arrays: Any, batch_argnums: Sequence[int] = (), **hyp
     out_tree = jax.eval_shape(lambda *a: core(*a, **hyper), *arrays)
     outs = _call_p.bind(*flat, call=call)
     return tree_util.tree_unflatten(tree_util.tree_structure(out_tree), outs)
+
+
+def _same_varying_axes(arrays):
+    """Inside ``jax.shard_map``: every array cast to vary along the union of the mesh axes the
+    arrays vary along (a replicated ``W`` used with a batch-sharded ``z``).
+
+    A ``custom_vjp`` backward must return each cotangent with its primal's type, and the
+    hand-written ``B[M, W](v) = v zᵀ`` of a sharded ``z`` varies along the batch axis while the
+    replicated ``W`` does not ("bwd rule produced … {V:data}"). With the cast done here, outside
+    the core, the core sees one varying type, and JAX transposes the cast into the ``psum``
+    over the devices that a replicated parameter's cotangent needs: the rule stays per-device
+    and unchanged, the reduction is JAX's own. Outside ``shard_map`` this is the identity."""
+    leaves, tree = tree_util.tree_flatten(arrays)
+    union = frozenset().union(*(varying_axes(x) for x in leaves)) if leaves else frozenset()
+    if not union:
+        return arrays
+    leaves = [x if varying_axes(x) >= union else
+              mark_varying(x, tuple(sorted(union - varying_axes(x)))) for x in leaves]
+    return tree_util.tree_unflatten(tree, leaves)
+
+
+def sum_over_batch(v, z, batch: tuple, like):
+    """``Σ_batch v ⊗ z``: ``jnp.tensordot(v, z, (batch, batch))``, the contraction of a weight
+    gradient over the leading (batch) axes, typed like the weight ``like``.
+
+    On a mesh with ``AxisType.Explicit`` axes the batch axes are sharded, and JAX asks the
+    contraction for its output sharding ("contracting dimensions are sharded and it is ambiguous
+    how the output should be sharded"): it is the weight's own (replicated, or split over
+    ``"model"``), which is also what ``jax.grad`` of the plain code gives. Elsewhere this is
+    ``jnp.tensordot``."""
+    sharding = explicit_sharding(like)
+    if sharding is None:
+        return jnp.tensordot(v, z, axes=(batch, batch))
+    return jax.lax.dot_general(v, z, ((batch, batch), ((), ())), out_sharding=sharding)
 
 
 def _shape_text(tree) -> str:

@@ -166,6 +166,42 @@ def data_parallel_epoch(loss: Callable, opt: optax.GradientTransformation, mesh:
         in_shardings=(rep, rep, rep, rep), out_shardings=rep)
 
 
+def state_shardings(state: Any, mesh: Mesh, param_shardings: Any) -> Any:
+    """Shardings for a whole ``TrainState``: its parameters as ``param_shardings``, every
+    sub-tree of the optimiser state shaped like the parameters (Adam's ``mu`` and ``nu``,
+    momentum) the same way, everything else (step counts, the epoch) replicated."""
+    structure = jax.tree.structure(state.params)
+    rep = replicated(mesh)
+
+    def place(node):
+        if jax.tree.structure(node) == structure:
+            return param_shardings
+        return jax.tree.map(lambda _: rep, node)
+    opt = jax.tree.map(place, state.opt_state,
+                       is_leaf=lambda node: jax.tree.structure(node) == structure)
+    return type(state)(param_shardings, opt, rep)
+
+
+def model_parallel_epoch(loss: Callable, opt: optax.GradientTransformation, mesh: Mesh,
+                         batch_size: int, shardings: Any, input_noise: float = 0.0) -> Callable:
+    """``train.train_epoch`` on a 2-D mesh: each mini-batch split over ``"data"``, the
+    parameters (and the optimiser state shaped like them) split over ``"model"`` as
+    ``shardings`` says (e.g. ``state_shardings(state, mesh, mlp_shardings(params, mesh))``).
+
+    Returns ``epoch(state, x, y, key) -> (state, losses)``, the same function of its arguments
+    as ``train_epoch``; XLA inserts the all-reduces over ``"data"`` (the gradient) and over
+    ``"model"`` (the row-split products), and the hand-written backwards run on each shard.
+
+    Raises:
+      ValueError: ``batch_size`` is not a multiple of the devices along ``"data"``.
+    """
+    check_batch_size(batch_size, mesh)
+    rep = replicated(mesh)
+    return jax.jit(lambda state, x, y, key: train_epoch(
+        loss, opt, state, x, y, key, batch_size, input_noise, batch_sharding=data_sharding(mesh)),
+        in_shardings=(shardings, rep, rep, rep), out_shardings=(shardings, rep))
+
+
 def mlp_specs(params: list[dict]) -> list[dict[str, P]]:
     """Megatron-style ``PartitionSpec`` for each ``jb.mlp`` layer ``{"W": (n, m), "b": (n,)}``.
 
