@@ -2,6 +2,8 @@
 API, checkpoints, the ``jbackprop train`` command line, model initialisers, and empty batches.
 Each gets a ``ValueError``/``TypeError`` (or, from the command line, exit status 2 and one line on
 stderr) that names the argument. docs/robustness.md lists every case, here and elsewhere."""
+import io
+import json
 import pickle
 
 import jax
@@ -128,20 +130,41 @@ def test_model_initialisers(call, match):
 
 
 # --- checkpoints ---------------------------------------------------------------------------------
-@pytest.mark.parametrize("content", [
-    b"\xfd\x00 random bytes",
-    pickle.dumps({"state": 1, "history": [], "config": {}})[:10],
-    pickle.dumps({"weights": 1}),
-    pickle.dumps({"state": 1, "history": [], "config": {"model": "mlp"}}),
-    pickle.dumps({"state": None, "history": [], "config": {"no_such_field": 1}}),
-], ids=["garbage", "truncated", "no-state", "state-not-a-TrainState", "unknown-config-field"])
-def test_unreadable_checkpoint(tmp_path, content, capsys):
+def _npz(**arrays) -> bytes:
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    return buf.getvalue()
+
+
+def _meta(**changes) -> np.ndarray:
+    """The ``__meta__`` entry of a checkpoint: JSON as uint8 bytes."""
+    meta = dict(format="jbackprop-checkpoint", version=1, epoch=0, config={}, history=[],
+                dataset=dict(arrays={}, sha256="0", example_shape=[2], num_outputs=2), leaves=[])
+    return np.frombuffer(json.dumps({**meta, **changes}).encode(), np.uint8)
+
+
+@pytest.mark.parametrize("content, why", [
+    (b"\xfd\x00 random bytes", "not an .npz archive"),
+    (_npz(__meta__=_meta())[:60], "BadZipFile"),
+    (_npz(weights=np.ones(3)), "no __meta__ entry"),
+    (_npz(__meta__=np.frombuffer(b"{not json", np.uint8)), "JSONDecodeError"),
+    (_npz(__meta__=_meta(version=2)), "format version 2; this version of jbackprop reads version 1"),
+    (_npz(__meta__=_meta(config={"no_such_field": 1})), r"unknown fields \['no_such_field'\]"),
+    (_npz(__meta__=_meta(config={"width": 0})), "width must be an integer ≥ 1"),
+    (_npz(__meta__=_meta(leaves=[{}]), leaf_00000=np.ones(2)), "does not match its own configuration"),
+    (pickle.dumps({"state": 1, "history": [], "config": {}}), "it is a pickle"),
+], ids=["garbage", "truncated", "no-metadata", "metadata-not-json", "newer-version",
+        "unknown-config-field", "invalid-config", "leaves-unlike-the-config", "pickle"])
+def test_unreadable_checkpoint(tmp_path, content, why, capsys):
     path = tmp_path / trainer.CHECKPOINT
     path.write_bytes(content)
-    with pytest.raises(ValueError, match="is not a readable jbackprop checkpoint"):
+    with pytest.raises(ValueError, match=why):
         trainer.load_checkpoint(str(path))
     assert cli.main(["train", "--resume", str(tmp_path), "--no-progress"]) == 2
-    assert "is not a readable jbackprop checkpoint" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert err.startswith(f"jbackprop train: --resume {tmp_path}: {path}") and err.count("\n") == 1
+    assert ("is not a readable jbackprop checkpoint" in err
+            or "does not match its own configuration" in err)
 
 
 # --- the command line: exit status 2 and a message naming the flag's field ------------------------

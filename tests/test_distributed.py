@@ -20,7 +20,6 @@ import dataclasses
 import json
 import os
 import pathlib
-import pickle
 import socket
 import subprocess
 import sys
@@ -66,6 +65,7 @@ def test_on_four_devices(tmp_path):
         _check_model_parallel_training(facts["model_parallel_training"][dtype], tol)
     _check_errors(facts["errors"])
     _check_cli_run_equals_one_device(done["one"], tmp_path / "one", tmp_path / "one-device")
+    _check_cli_run_equals_one_device(done["model"], tmp_path / "model", tmp_path / "model-one-device")
     _check_two_processes_train_like_one(done, tmp_path)
 
 
@@ -77,10 +77,14 @@ def _run_on_four_devices(out):
     port = _free_port()
     procs = {"script": subprocess.Popen([sys.executable, str(SCRIPT)], env=_env(), **pipes),
              "one": subprocess.Popen([sys.executable, "-m", "jbackprop.cli", "train", *train,
-                                      str(out / "one")], cwd=str(out), env=_env(), **pipes)}
-    for i in (0, 1):
+                                      str(out / "one")], cwd=str(out), env=_env(), **pipes),
+             "model": subprocess.Popen([sys.executable, "-m", "jbackprop.cli", "train",
+                                        "--model-parallel", "2", *train, str(out / "model")],
+                                       cwd=str(out), env=_env(), **pipes)}
+    for i in (0, 1):   # data × model across the two processes: each process one row of the mesh
         procs[i] = subprocess.Popen([sys.executable, str(SCRIPT), "--process", str(i), str(port),
-                                     "train", *train, str(out / str(i))], env=_env(devices=2), **pipes)
+                                     "train", "--model-parallel", "2", *train, str(out / str(i))],
+                                    env=_env(devices=2), **pipes)
     done = {}
     for name, p in procs.items():
         o, e = p.communicate(timeout=600)
@@ -149,14 +153,15 @@ def _check_errors(e):
 
 
 def _check_cli_run_equals_one_device(done, folder, tmp_path):
-    """``jbackprop train --devices 4`` end to end; the same run on 1 device gives the same
-    losses and parameters; the 4-device checkpoint resumes on 1 device."""
+    """``jbackprop train --devices 4`` (or ``--devices 4 --model-parallel 2``, a 2 × 2 data ×
+    model mesh) end to end; the same run on 1 device gives the same losses and parameters; the
+    4-device checkpoint (written whole) resumes on 1 device."""
     code, out, err = done
     assert code == 0, err[-3000:]
     assert "test accuracy" in out
     metrics = json.loads((folder / "metrics.json").read_text())
     assert metrics["devices"] == 4 and metrics["config"]["devices"] == 4
-    one = dataclasses.replace(Config(**metrics["config"]), devices=1)
+    one = dataclasses.replace(Config(**metrics["config"]), devices=1, model_parallel=1)
     m1 = trainer.fit(one, str(tmp_path), progress=False)
     for a, b in zip(metrics["epochs"], m1["epochs"]):
         for key in ("step_loss", "train_loss", "test_loss"):
@@ -171,8 +176,9 @@ def _check_cli_run_equals_one_device(done, folder, tmp_path):
 
 def _check_two_processes_train_like_one(done, out):
     """Two processes of 2 CPU devices each, joined by ``jax.distributed.initialize`` as two
-    hosts would be (collectives over TCP, gloo): ``jbackprop train --devices 4`` on the 4
-    global devices gives the same run as in one process."""
+    hosts would be (collectives over TCP, gloo): ``jbackprop train --devices 4 --model-parallel
+    2`` on the 4 global devices (a 2 × 2 mesh, the MLP split within each process, the batch
+    across them) gives the same run as data parallel in one process."""
     for i in (0, 1):
         assert done[i][0] == 0, done[i][2][-3000:]
     single = json.loads((out / "one" / "metrics.json").read_text())["epochs"]
@@ -222,10 +228,13 @@ def test_resume_a_checkpoint_written_before_devices_existed(tmp_path, capsys):
     small = dict(dataset="xor", width=16, batch_size=16, input_noise=0.1)
     trainer.fit(Config(**small, epochs=1), str(tmp_path), progress=False)
     path = tmp_path / trainer.CHECKPOINT
-    blob = pickle.loads(path.read_bytes())
-    del blob["config"]["devices"]
-    blob["config"]["epochs"] = 2                      # as if stopped after 1 of 2 epochs
-    path.write_bytes(pickle.dumps(blob))
+    with np.load(path) as z:                          # rewrite its JSON metadata
+        arrays = dict(z)
+    meta = json.loads(arrays["__meta__"].tobytes())
+    del meta["config"]["devices"]
+    meta["config"]["epochs"] = 2                      # as if stopped after 1 of 2 epochs
+    arrays["__meta__"] = np.frombuffer(json.dumps(meta).encode(), np.uint8)
+    np.savez(path, **arrays)
     assert cli.main(["train", "--resume", str(tmp_path), "--no-progress"]) == 0
     state, history, saved = trainer.load_checkpoint(str(path))
     assert int(state.epoch) == 2 and len(history) == 2 and saved["devices"] == 1

@@ -6,7 +6,6 @@ twice at random moments of an epoch (found by watching the checkpoint file) — 
 parameters, optimiser state and per-epoch metrics equal, bit for bit, those of an uninterrupted
 run of the same configuration."""
 import os
-import pickle
 import signal
 import subprocess
 import sys
@@ -74,7 +73,7 @@ def _wait(condition, what):
 
 
 class Checkpoint:
-    """Watches ``out/checkpoint.pkl``: a rename gives a new inode, read only when it changes."""
+    """Watches ``out/checkpoint.npz``: a rename gives a new inode, read only when it changes."""
 
     def __init__(self, out):
         self.path, self.key, self.epoch = os.path.join(out, trainer.CHECKPOINT), None, 0
@@ -85,8 +84,7 @@ class Checkpoint:
         except FileNotFoundError:
             return self.epoch
         if (st.st_ino, st.st_mtime_ns) != self.key:
-            with open(self.path, "rb") as f:
-                self.epoch = int(pickle.load(f)["state"].epoch)
+            self.epoch = trainer.checkpoint_metadata(self.path)["epoch"]   # JSON, no arrays
             self.key = (st.st_ino, st.st_mtime_ns)
         return self.epoch
 

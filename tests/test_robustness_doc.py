@@ -8,7 +8,8 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 PAGE = ROOT / "docs" / "robustness.md"
 ROBUSTNESS_FILES = ["test_extreme_values.py", "test_dtypes.py", "test_properties.py",
                     "test_bad_input.py", "test_fault_tolerance.py", "test_robustness_doc.py",
-                    "test_dtype_contract.py", "test_contract_errors.py"]
+                    "test_dtype_contract.py", "test_contract_errors.py", "test_checkpoint.py",
+                    "test_train_cli.py"]
 
 
 def _tests(file):

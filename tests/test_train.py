@@ -126,8 +126,8 @@ def _fit_epochs(cfg, out, n):
     """Run ``cfg`` but stop (as if killed) once ``n`` epochs are checkpointed."""
     real_save = trainer.save_checkpoint
 
-    def save_then_maybe_stop(path, state, history, c):
-        real_save(path, state, history, c)
+    def save_then_maybe_stop(path, state, *args):
+        real_save(path, state, *args)
         if int(state.epoch) >= n:
             raise KeyboardInterrupt
     trainer.save_checkpoint = save_then_maybe_stop
@@ -193,7 +193,7 @@ def test_cli_defaults_are_config_defaults(monkeypatch, capsys):
     noise. The help shows the defaults."""
     runs = []
 
-    def fake_fit(cfg, out, resume=False, progress=True):
+    def fake_fit(cfg, out, resume=False, progress=True, overwrite=False):
         runs.append(cfg)
         return {"final": {"test_accuracy": 1.0}, "metric": "accuracy", "dataset": cfg.dataset,
                 "seconds_total": 0.0}

@@ -7,6 +7,7 @@ beyond NumPy.
 """
 from __future__ import annotations
 
+import hashlib
 import os
 import zipfile
 from typing import NamedTuple
@@ -61,8 +62,12 @@ def housing(n: int = 256, seed: int = 0) -> Dataset:
 
 
 def from_npz(path: str) -> Dataset:
-    """A user's ``.npz`` with ``x_train, y_train, x_test, y_test``. Integer ``y`` (one label per
-    row) is classification into ``max(y) + 1`` classes; float ``y`` is regression."""
+    """A user's ``.npz`` with ``x_train, y_train, x_test, y_test``. Integer or bool ``y`` (one
+    label per row) is classification into ``max(y) + 1`` classes (bool: ``False`` is class 0,
+    ``True`` class 1); float ``y`` is regression. Training labels of a single class are refused
+    (a classifier of one class reaches loss 0 and 100 % without learning anything). Examples
+    may have any shape ``x_train (N, ...)``: ``make_model`` flattens them for the MLP and
+    ResNet-S."""
     if not os.path.exists(path):
         raise FileNotFoundError(f"dataset file {path!r} does not exist")
     names = ("x_train", "y_train", "x_test", "y_test")
@@ -92,21 +97,55 @@ def from_npz(path: str) -> Dataset:
     if x_tr.shape[1:] != x_te.shape[1:]:
         raise ValueError(f"{path}: x_train examples have shape {x_tr.shape[1:]} but x_test {x_te.shape[1:]}")
     x_tr, x_te = x_tr.astype(np.float32), x_te.astype(np.float32)
-    if np.issubdtype(y_tr.dtype, np.integer) != np.issubdtype(y_te.dtype, np.integer):
+    if _labels(y_tr.dtype) != _labels(y_te.dtype):
         raise ValueError(f"{path}: y_train has dtype {y_tr.dtype} but y_test {y_te.dtype}: both "
-                         "integer (class labels) or both float (regression targets)")
-    if np.issubdtype(y_tr.dtype, np.integer):
+                         "integer or bool (class labels) or both float (regression targets)")
+    if _labels(y_tr.dtype):
         if y_tr.ndim != 1 or y_te.ndim != 1:
             raise ValueError(f"{path}: integer class labels must have one label per row, shape "
                              f"(examples,); got y_train {y_tr.shape}, y_test {y_te.shape}")
+        y_tr, y_te = y_tr.astype(np.int64), y_te.astype(np.int64)   # bool: False 0, True 1
         k = int(max(y_tr.max(), y_te.max())) + 1
         if min(y_tr.min(), y_te.min()) < 0:
             raise ValueError(f"{path}: integer labels must be ≥ 0")
+        classes = np.unique(y_tr)
+        if len(classes) < 2:
+            raise ValueError(f"{path}: y_train holds a single class (every label is "
+                             f"{int(classes[0])}): a classifier needs examples of at least two "
+                             "classes (it would reach loss 0 and 100 % without learning); for "
+                             "regression targets, store y as floats")
         return Dataset(x_tr, y_tr.astype(np.int32), x_te, y_te.astype(np.int32), "classification", k,
                        os.path.basename(path))
     y_tr = y_tr.astype(np.float32).reshape(len(y_tr), -1)
     y_te = y_te.astype(np.float32).reshape(len(y_te), -1)
     return Dataset(x_tr, y_tr, x_te, y_te, "regression", y_tr.shape[1], os.path.basename(path))
+
+
+def _labels(dtype: np.dtype) -> bool:
+    """Integer or bool ``y``: class labels (classification); float: regression targets."""
+    return bool(np.issubdtype(dtype, np.integer) or dtype == np.bool_)
+
+
+def fingerprint(ds: Dataset) -> dict:
+    """What a checkpoint remembers of the dataset it was trained on, to refuse a resume on other
+    data: the name, task, number of outputs, the shape of one example, each array's shape and
+    dtype, and a SHA-256 of the four arrays (as the model sees them: after ``load``'s
+    conversions) with their shapes and dtypes. JSON-serialisable."""
+    h = hashlib.sha256()
+    arrays = {}
+    for name in ("x_train", "y_train", "x_test", "y_test"):
+        a = np.ascontiguousarray(getattr(ds, name))
+        arrays[name] = {"shape": list(a.shape), "dtype": str(a.dtype)}
+        h.update(f"{name} {a.shape} {a.dtype}\n".encode())
+        h.update(a.tobytes())
+    return {"name": ds.name, "task": ds.task, "num_outputs": int(ds.num_outputs),
+            "example_shape": list(ds.x_train.shape[1:]), "arrays": arrays, "sha256": h.hexdigest()}
+
+
+def describe(fp: dict) -> str:
+    """``x_train (6, 3) float32, y_train (6,) int32, …, sha256 1a2b3c4d…`` of a ``fingerprint``."""
+    arrays = ", ".join(f"{k} {tuple(v['shape'])} {v['dtype']}" for k, v in fp["arrays"].items())
+    return f"{arrays}, sha256 {fp['sha256'][:12]}…"
 
 
 def load(name: str) -> Dataset:

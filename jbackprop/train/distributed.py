@@ -202,6 +202,12 @@ def model_parallel_epoch(loss: Callable, opt: optax.GradientTransformation, mesh
         in_shardings=(shardings, rep, rep, rep), out_shardings=(shardings, rep))
 
 
+def gather(tree: Any, mesh: Mesh) -> Any:
+    """Every leaf of ``tree`` whole (replicated) on every device of ``mesh``, by a jit-compiled
+    identity with replicated outputs (works across processes, unlike ``device_put``)."""
+    return jax.jit(lambda t: t, out_shardings=replicated(mesh))(tree)
+
+
 def mlp_specs(params: list[dict]) -> list[dict[str, P]]:
     """Megatron-style ``PartitionSpec`` for each ``jb.mlp`` layer ``{"W": (n, m), "b": (n,)}``.
 

@@ -24,6 +24,9 @@ import jbackprop as jb
 from jbackprop.modules import registry
 
 
+SEED_MAX = 2**32 - 1                # jax.random.PRNGKey keeps 32 bits (without x64)
+
+
 @dataclasses.dataclass(frozen=True)
 class Config:
     """Everything that determines a run (a seed reproduces it exactly)."""
@@ -41,10 +44,11 @@ class Config:
     input_noise: float = 0.6        # std of Gaussian noise added to training inputs
     schedule: str = "cosine"        # cosine | constant
     devices: int = 1                # data parallel over this many devices (distributed.py)
+    model_parallel: int = 1         # of which this many split the MLP's layers ("model" axis)
 
     def __post_init__(self):
         """Refuse numbers that cannot train, naming the field (the CLI's flags are these fields)."""
-        for name in ("epochs", "batch_size", "width", "depth"):
+        for name in ("epochs", "batch_size", "width", "depth", "model_parallel"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be an integer ≥ 1, got {value!r}")
@@ -53,6 +57,10 @@ class Config:
             if not (math.isfinite(value) and (value > 0 if low_open else value >= 0)):
                 raise ValueError(f"{name} must be a finite number {'>' if low_open else '≥'} 0, "
                                  f"got {value!r}")
+        seed = self.seed
+        if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= SEED_MAX:
+            raise ValueError(f"seed must be an integer in 0..{SEED_MAX} (2**32 - 1: seeds are "
+                             f"32-bit, larger ones would repeat smaller ones), got {self.seed!r}")
         if self.schedule not in ("cosine", "constant"):
             raise ValueError(f"schedule must be 'cosine' or 'constant', got {self.schedule!r}")
 
@@ -64,23 +72,41 @@ class TrainState(NamedTuple):
 
 
 def make_model(cfg: Config, in_shape: tuple[int, ...], num_outputs: int):
-    """``(init(key) -> params, apply(params, x) -> output)`` for one example."""
+    """``(init(key) -> params, apply(params, x) -> output)`` for one example of shape ``in_shape``.
+
+    The MLP and ResNet-S see an example as a vector: one of shape ``(2, 2)`` (say) is flattened
+    to ``(4,)``. The CNN takes a vector ``(d,)`` as an 8×8-style square image when ``d`` is a
+    square above 4 (else a signal ``(d, 1)``, Conv1D), ``(h, w)`` as an image of one channel and
+    ``(h, w, C)`` as an image of ``C`` channels (Conv2D); other ranks are refused."""
     manual = cfg.backward == "manual"
     if cfg.backward not in ("manual", "autodiff"):
         raise ValueError(f"backward must be 'manual' or 'autodiff', got {cfg.backward!r}")
+    in_shape = tuple(int(n) for n in in_shape)
     d = 1
     for n in in_shape:
-        d *= int(n)
-    if cfg.model == "mlp":
-        sizes = [d, cfg.width, cfg.width, num_outputs]
-        return (lambda key: jb.mlp_init(key, sizes)), _pick(jb.mlp, manual)
-    if cfg.model == "resnet-s":
-        return (lambda key: jb.resnet_s_init(key, d, cfg.width, cfg.depth, num_outputs)), \
-            _pick(jb.resnet_s, manual)
+        d *= n
+    if cfg.model in ("mlp", "resnet-s"):
+        if cfg.model == "mlp":
+            sizes = [d, cfg.width, cfg.width, num_outputs]
+            init, apply = (lambda key: jb.mlp_init(key, sizes)), _pick(jb.mlp, manual)
+        else:
+            init, apply = (lambda key: jb.resnet_s_init(key, d, cfg.width, cfg.depth, num_outputs),
+                           _pick(jb.resnet_s, manual))
+        if len(in_shape) != 1:                     # (h, w), (h, w, C), …: a vector of d features
+            module = apply
+            apply = lambda p, x: module(p, x.reshape(x.shape[:x.ndim - len(in_shape)] + (d,)))
+        return init, apply
     if cfg.model == "cnn":
-        side = int(round(d ** 0.5))
-        image = side * side == d and side > 2      # square images (digits 8×8): Conv2D
-        shape = (side, side, 1) if image else (d, 1)
+        if len(in_shape) == 1:
+            side = int(round(d ** 0.5))
+            image = side * side == d and side > 2  # square images (digits 8×8): Conv2D
+            shape = (side, side, 1) if image else (d, 1)
+        elif len(in_shape) in (2, 3):
+            image, shape = True, in_shape + (1,) * (3 - len(in_shape))
+        else:
+            raise ValueError(f"the cnn takes examples of shape (features,), (height, width) or "
+                             f"(height, width, channels); these have shape {in_shape}: use "
+                             "--model mlp or resnet-s, which flatten them")
         net = jb.conv_net(channels=16, k=3, num_classes=num_outputs, conv="2d" if image else "1d",
                           reference=not manual)
         return (lambda key: net.init(key, shape)), (lambda p, x: net.apply(p, x.reshape(shape)))

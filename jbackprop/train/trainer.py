@@ -1,7 +1,10 @@
 """The loop behind ``jbackprop train``: epochs with a progress bar, an atomic checkpoint every
-epoch, ``--resume``, a stop with a clear message on a non-finite loss or gradient (naming the
-step, and the module where it started: ``jbackprop.check.locate_nonfinite``), Ctrl-C, and
-``metrics.json`` and ``curves.png`` in the output folder.
+epoch, ``--resume`` (also to extend a run to more epochs), a stop with a clear message on a
+non-finite loss or gradient (naming the step, and the module where it started:
+``jbackprop.check.locate_nonfinite``), Ctrl-C, and ``metrics.json`` and ``curves.png`` in the
+output folder.
+
+Checkpoints hold arrays and JSON, nothing that runs code when read: see ``save_checkpoint``.
 
 It needs the ``cli`` extra (``pip install "jbackprop[cli]"``): matplotlib for the curves,
 scikit-learn for the digits, tqdm for the progress bar (without it, no bar). Each is imported
@@ -12,8 +15,8 @@ import dataclasses
 import glob
 import json
 import os
-import pickle
 import time
+import zipfile
 
 import jax
 import jax.numpy as jnp
@@ -24,7 +27,10 @@ from jbackprop.train import data as datasets, distributed
 from jbackprop.train.loop import (Config, TrainState, epoch_batches, evaluate, make_loss, make_model,
                                   make_optimizer, mini_batch, train_epoch, train_step)
 
-CHECKPOINT = "checkpoint.pkl"
+CHECKPOINT = "checkpoint.npz"
+OLD_CHECKPOINT = "checkpoint.pkl"     # the pickles of earlier versions: never opened
+FORMAT, VERSION = "jbackprop-checkpoint", 1
+_META = "__meta__"                    # the .npz entry holding the JSON metadata (uint8 bytes)
 
 
 class NonFiniteLoss(RuntimeError):
@@ -32,77 +38,304 @@ class NonFiniteLoss(RuntimeError):
     kept. The message names the step and the module where it started."""
 
 
-def save_checkpoint(path: str, state: TrainState, history: list[dict], cfg: Config) -> None:
-    """Write atomically: a temporary file in the same folder, flushed, then renamed over."""
-    blob = {"state": jax.tree.map(np.asarray, state), "history": history,
-            "config": dataclasses.asdict(cfg)}
+class RunExists(ValueError):
+    """A new run (no ``resume``) into a folder that holds another run's checkpoint, without
+    ``overwrite``."""
+
+
+def save_checkpoint(path: str, state: TrainState, history: list[dict], cfg: Config,
+                    dataset: dict | None = None) -> None:
+    """Write ``state``, ``history``, ``cfg`` (and the ``data.fingerprint`` of the dataset) to
+    ``path``, one ``.npz`` file, atomically.
+
+    The format (version 1) holds only arrays and JSON, so reading it cannot run code (unlike a
+    pickle, which earlier versions wrote): ``leaf_00000``, ``leaf_00001``, … are the leaves of
+    ``state`` in ``jax.tree.flatten`` order, as NumPy arrays; ``__meta__`` is a ``uint8`` array
+    of UTF-8 JSON: ``format``, ``version``, ``epoch``, ``config``, ``history``, ``dataset`` and
+    ``leaves`` — for each leaf its key path in the ``TrainState`` (``.params[0]['W']``,
+    ``.opt_state[0].mu[0]['W']``, ``.epoch``; ``jax.tree_util.keystr``), shape and dtype. The
+    tree itself (lists, dicts, optax's named tuples) is not serialised: ``load_checkpoint``
+    rebuilds it from the configuration and checks the key paths, shapes and dtypes against it.
+
+    Atomic: written to ``path.tmp-PID`` in the same folder, flushed and ``fsync``ed, then
+    ``os.replace``d over ``path``; a process killed at any moment leaves the previous checkpoint
+    or the new one, and at most a stale temporary file (``fit`` removes those).
+    """
+    host = jax.tree.map(np.asarray, state)         # replicated or on one device: whole arrays
+    leaves, _ = jax.tree_util.tree_flatten_with_path(host)
+    meta = {"format": FORMAT, "version": VERSION, "epoch": int(host.epoch),
+            "config": dataclasses.asdict(cfg), "history": history, "dataset": dataset,
+            "leaves": [{"path": jax.tree_util.keystr(k), "shape": list(a.shape), "dtype": str(a.dtype)}
+                       for k, a in leaves]}
+    arrays = {f"leaf_{i:05d}": a for i, (_, a) in enumerate(leaves)}
+    arrays[_META] = np.frombuffer(json.dumps(meta).encode(), np.uint8)
     tmp = f"{path}.tmp-{os.getpid()}"
     with open(tmp, "wb") as f:
-        pickle.dump(blob, f, protocol=pickle.HIGHEST_PROTOCOL)
+        np.savez(f, **arrays)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
 
 
-def load_checkpoint(path: str) -> tuple[TrainState, list[dict], dict]:
-    """``(state, history, config)`` from ``path``; a ``ValueError`` naming it if it is not one."""
+def _unreadable(path: str, why: str) -> ValueError:
+    return ValueError(f"{path} is not a readable jbackprop checkpoint ({why}); remove it to train "
+                      "from the start")
+
+
+def _old_format(path: str) -> ValueError:
+    return ValueError(f"{path} was written by an older version of jbackprop and cannot be resumed: "
+                      "it is a pickle, which can run arbitrary code when loaded, so this version "
+                      "never opens it (checkpoints are now .npz arrays and JSON); start the run "
+                      "afresh (--overwrite), or finish it with the version that wrote it")
+
+
+def checkpoint_metadata(path: str) -> dict:
+    """The JSON metadata of the checkpoint at ``path`` (see ``save_checkpoint``), without its
+    arrays: ``epoch``, ``config``, ``history``, ``dataset``, ``leaves``.
+
+    Raises ``FileNotFoundError`` if there is none, and ``ValueError`` saying what is wrong for
+    anything but a checkpoint of this format: a pickle (an older version's ``checkpoint.pkl``, or
+    one planted where the checkpoint should be) is recognised and never unpickled.
+    """
+    meta, _ = _read(path, arrays=False)
+    return meta
+
+
+def _read(path: str, arrays: bool) -> tuple[dict, dict]:
+    folder_old = os.path.join(os.path.dirname(path), OLD_CHECKPOINT)
+    if os.path.basename(path) == OLD_CHECKPOINT and os.path.exists(path):
+        raise _old_format(path)
     if not os.path.exists(path):
+        if os.path.basename(path) == CHECKPOINT and os.path.exists(folder_old):
+            raise _old_format(folder_old)
         raise FileNotFoundError(f"no checkpoint to resume from: {path} does not exist")
-    fields = {f.name for f in dataclasses.fields(Config)}
+    if os.path.isdir(path):
+        raise _unreadable(path, "it is a folder")
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if head[:1] == b"\x80":       # pickle protocol ≥ 2: never handed to pickle
+        raise _unreadable(path, "it is a pickle, not an .npz archive; a pickle can run arbitrary "
+                                "code when loaded, so it was not opened")
+    if head != b"PK\x03\x04":
+        raise _unreadable(path, f"not an .npz archive: it starts with {head!r}")
     try:
-        with open(path, "rb") as f:
-            blob = pickle.load(f)
-        state, history, config = blob["state"], blob["history"], blob["config"]
-        if not (isinstance(state, TrainState) and isinstance(history, list) and set(config) <= fields):
-            raise ValueError("unexpected contents")
-    except (pickle.UnpicklingError, EOFError, AttributeError, ImportError, IndexError, KeyError,
-            TypeError, ValueError) as e:
-        raise ValueError(f"{path} is not a readable jbackprop checkpoint ({type(e).__name__}: "
-                         f"{e}); remove it to train from the start") from e
-    return jax.tree.map(jnp.asarray, state), history, config
+        with np.load(path, allow_pickle=False) as z:
+            if _META not in z.files:
+                raise ValueError(f"no {_META} entry; it has {sorted(z.files)[:5]}")
+            raw = z[_META]
+            if raw.dtype != np.uint8 or raw.ndim != 1:
+                raise ValueError(f"{_META} is {raw.dtype} {raw.shape}, not uint8 bytes")
+            meta = json.loads(raw.tobytes().decode("utf-8"))
+            if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+                raise ValueError(f"its {_META} is not a {FORMAT}")
+            if meta.get("version") != VERSION:
+                raise ValueError(f"format version {meta.get('version')!r}; this version of "
+                                 f"jbackprop reads version {VERSION}")
+            for key, kind in (("epoch", int), ("config", dict), ("history", list),
+                              ("dataset", dict), ("leaves", list)):
+                if not isinstance(meta.get(key), kind):
+                    raise ValueError(f"its metadata has no {key} ({kind.__name__})")
+            missing = [k for k in ("arrays", "sha256", "example_shape", "num_outputs")
+                       if k not in meta["dataset"]]
+            if missing:
+                raise ValueError(f"its dataset fingerprint lacks {missing}")
+            fields = {f.name for f in dataclasses.fields(Config)}
+            unknown = sorted(set(meta["config"]) - fields)
+            if unknown:
+                raise ValueError(f"its configuration has unknown fields {unknown}")
+            Config(**meta["config"])                    # its values are valid
+            leaves = {}
+            if arrays:
+                names = [f"leaf_{i:05d}" for i in range(len(meta["leaves"]))]
+                if sorted(names + [_META]) != sorted(z.files):
+                    raise ValueError(f"it holds {len(z.files) - 1} arrays, its metadata lists "
+                                     f"{len(names)}")
+                leaves = {n: z[n] for n in names}
+    except (OSError, EOFError, zipfile.BadZipFile, ValueError, KeyError, TypeError,
+            UnicodeDecodeError) as e:     # json.JSONDecodeError is a ValueError
+        raise _unreadable(path, f"{type(e).__name__}: {e}") from e
+    return meta, leaves
 
 
-def fit(cfg: Config, out_dir: str, resume: bool = False, progress: bool = True) -> dict:
+def _template(cfg: Config, meta: dict) -> TrainState:
+    """The shapes and dtypes (``jax.ShapeDtypeStruct``) of the ``TrainState`` that ``cfg``
+    trains on the checkpoint's dataset: ``init`` and ``opt.init`` traced, nothing computed."""
+    ds = meta["dataset"]
+    init, _ = make_model(cfg, tuple(ds["example_shape"]), int(ds["num_outputs"]))
+    opt = make_optimizer(cfg, 1)                       # the schedule's length: not in the state
+
+    def fresh(key):
+        params = init(key)
+        return TrainState(params, opt.init(params), jnp.zeros((), jnp.int32))
+    return jax.eval_shape(fresh, jax.random.PRNGKey(0))
+
+
+def load_checkpoint(path: str) -> tuple[TrainState, list[dict], dict]:
+    """``(state, history, config)`` from the checkpoint at ``path``.
+
+    Read with ``np.load(..., allow_pickle=False)``: nothing in the file can run code. The
+    ``TrainState`` is rebuilt robustly: a fresh template state is traced (``jax.eval_shape``, no
+    computation) from the saved configuration and dataset shape — ``make_model``'s ``init`` and
+    ``make_optimizer(...).init`` — and its leaves' key paths, shapes and dtypes must equal
+    those listed in the file and those of the stored arrays; the arrays then fill the
+    template's tree. So a file whose configuration does not describe its parameters (another
+    model, width, optimiser) is a ``ValueError`` naming the first difference, never a shape
+    error later. Configuration fields missing from the file take ``Config``'s defaults.
+
+    Raises ``FileNotFoundError`` if there is no checkpoint, and ``ValueError`` saying what is
+    wrong for anything else (an older version's pickle included: see ``checkpoint_metadata``).
+    """
+    meta, arrays = _read(path, arrays=True)
+    try:
+        cfg = Config(**meta["config"])
+        template = _template(cfg, meta)
+    except (ValueError, TypeError, KeyError) as e:
+        raise _unreadable(path, f"its configuration cannot be built: {type(e).__name__}: {e}") from e
+    expected, treedef = jax.tree_util.tree_flatten_with_path(template)
+    want = [(jax.tree_util.keystr(k), list(a.shape), str(a.dtype)) for k, a in expected]
+    listed = [(leaf.get("path"), leaf.get("shape"), leaf.get("dtype")) if isinstance(leaf, dict)
+              else (None, None, None) for leaf in meta["leaves"]]
+    stored = [(p, list(a.shape), str(a.dtype)) for (p, _, _), a in zip(listed, arrays.values())]
+    for have in (listed, stored):
+        if have != want:
+            first = next((i for i, (a, b) in enumerate(zip(want, have)) if a != b),
+                         min(len(want), len(have)))
+            show = lambda t, i: (f"{t[i][0]} {tuple(t[i][1] or ())} {t[i][2]}" if i < len(t)
+                                 else "nothing")
+            raise ValueError(
+                f"{path} does not match its own configuration (model {cfg.model!r}, width "
+                f"{cfg.width}, depth {cfg.depth}, optimizer {cfg.optimizer!r}, schedule "
+                f"{cfg.schedule!r}, weight_decay {cfg.weight_decay}): that configuration has "
+                f"{len(want)} arrays, the file {len(have)}; the first difference is leaf {first}: "
+                f"the configuration's {show(want, first)}, the file's {show(have, first)}; was its "
+                f"metadata edited? remove it to train from the start")
+    state = jax.tree.unflatten(treedef, [jnp.asarray(a) for a in arrays.values()])
+    if int(state.epoch) != meta["epoch"]:
+        raise _unreadable(path, f"its metadata says epoch {meta['epoch']}, its state "
+                                f"{int(state.epoch)}")
+    return state, meta["history"], meta["config"]
+
+
+def existing_run(out_dir: str) -> str | None:
+    """The checkpoint file of a run already in ``out_dir`` (this format or an older version's
+    pickle), or ``None``."""
+    for name in (CHECKPOINT, OLD_CHECKPOINT):
+        if os.path.exists(os.path.join(out_dir, name)):
+            return os.path.join(out_dir, name)
+    return None
+
+
+def resume_conflicts(saved: dict, cfg: Config, done: int) -> dict:
+    """The fields of ``cfg`` that a resume of a checkpoint with configuration ``saved`` (after
+    ``done`` epochs) cannot take, as ``{field: (saved, now)}``. ``devices`` may change (the same
+    computation, placed otherwise); ``epochs`` may be any number ≥ ``done`` (extending or
+    shortening the run); a ``.npz`` dataset may be named by another path (``fit`` then checks
+    that the arrays are the same). Fields missing from ``saved`` take their defaults."""
+    saved = dataclasses.asdict(Config(**saved))
+    now = dataclasses.asdict(cfg)
+    out = {}
+    for k, v in now.items():
+        if k in ("devices", "model_parallel") or saved[k] == v:
+            continue
+        if k == "epochs" and v >= done:
+            continue
+        if k == "dataset" and saved[k].endswith(".npz") and v.endswith(".npz"):
+            continue
+        out[k] = (saved[k], v)
+    return out
+
+
+def fit(cfg: Config, out_dir: str, resume: bool = False, progress: bool = True,
+        overwrite: bool = False) -> dict:
     """Train ``cfg`` and write ``metrics.json``, ``curves.png`` and checkpoints to ``out_dir``.
 
     Returns the metrics dict. Raises ``NonFiniteLoss`` (after keeping the last good checkpoint)
     and re-raises ``KeyboardInterrupt`` after saving one. Without matplotlib (the ``cli``
     extra) it raises ``ModuleNotFoundError`` at once, before training.
+
+    A new run (``resume=False``) into a folder that holds a checkpoint raises ``RunExists``
+    unless ``overwrite``: then the old checkpoint stays until the new run's first epoch
+    replaces it (the old ``metrics.json``, ``curves.png`` and an older version's
+    ``checkpoint.pkl`` are removed when training starts).
+
+    ``resume=True`` continues the checkpoint in ``out_dir``. ``cfg`` must be its configuration
+    except ``devices`` (any), ``epochs`` (at least the epochs done: more extends the run) and a
+    ``.npz`` dataset's path (the same arrays at another path); anything else is a
+    ``ValueError`` naming the fields, and so is a dataset whose arrays changed since the
+    checkpoint (``data.fingerprint``). Extending a cosine schedule recomputes it for the new
+    total of steps, continuing from the step reached (optax's step count is in the state): the
+    learning rate rises again from where the shorter schedule had taken it; a constant
+    schedule makes the extended run identical to one asked for with the larger ``epochs``.
     """
     start = time.perf_counter()
-    mesh = _mesh(cfg) if cfg.devices != 1 else None  # refused before anything is written
+    mesh = _mesh(cfg) if cfg.devices != 1 or cfg.model_parallel != 1 else None  # refused first
     import_optional("matplotlib", "drawing the training curves (curves.png)")
-    os.makedirs(out_dir, exist_ok=True)
     ckpt = os.path.join(out_dir, CHECKPOINT)
-    for stale in glob.glob(glob.escape(ckpt) + ".tmp-*"):   # from a process killed mid-write
-        os.remove(stale)
+    old = existing_run(out_dir)
+    if not resume and old and not overwrite:
+        raise RunExists(f"{out_dir} already holds a run ({os.path.basename(old)}); continue it "
+                        "with resume=True (--resume), or replace it with overwrite=True (--overwrite)")
+    if resume:
+        meta = checkpoint_metadata(ckpt)            # before anything is written or loaded
+        conflicts = resume_conflicts(meta["config"], cfg, meta["epoch"])
+        if conflicts:
+            if list(conflicts) == ["epochs"]:
+                raise ValueError(f"--resume: the checkpoint in {out_dir} has trained "
+                                 f"{meta['epoch']} epoch{'s' * (meta['epoch'] != 1)}; epochs "
+                                 f"must be at least that, got {cfg.epochs}")
+            raise ValueError(f"--resume: the checkpoint in {out_dir} was written with another "
+                             f"configuration (saved, now): {conflicts}")
     ds = datasets.load(cfg.dataset)
+    fingerprint = datasets.fingerprint(ds)
+    if resume and meta["dataset"]["sha256"] != fingerprint["sha256"]:
+        was = meta["config"].get("dataset", Config.dataset)
+        what = ("the dataset changed since the checkpoint" if was == cfg.dataset else
+                f"the dataset {cfg.dataset} is not the checkpoint's {was}")
+        raise ValueError(f"--resume: {what} in {out_dir}: {cfg.dataset} holds "
+                         f"{datasets.describe(fingerprint)}; the checkpoint was trained on "
+                         f"{datasets.describe(meta['dataset'])}; restore the data, or start a "
+                         "new run")
+    if resume:
+        was = meta["config"].get("epochs", Config.epochs)
+        print(f"resuming {out_dir} at epoch {meta['epoch']} of {cfg.epochs}: "
+              f"{dataclasses.asdict(cfg)}")
+        if cfg.epochs != was and cfg.schedule == "cosine":
+            print(f"the cosine learning-rate schedule now decays over {cfg.epochs} epochs (it "
+                  f"was {was}), from the step reached")
     x, y = jnp.asarray(ds.x_train), jnp.asarray(ds.y_train)
     if cfg.batch_size < 1 or cfg.batch_size > len(x):
         raise ValueError(f"batch_size must be in 1..{len(x)} (the training set), got {cfg.batch_size}")
     init, apply = make_model(cfg, ds.x_train.shape[1:], ds.num_outputs)
+    os.makedirs(out_dir, exist_ok=True)     # the arguments and the data are good: work starts
+    for stale in glob.glob(glob.escape(ckpt) + ".tmp-*"):   # from a process killed mid-write
+        os.remove(stale)
     loss = make_loss(apply, ds.task, cfg.backward)
     steps_per_epoch = len(x) // cfg.batch_size
     opt = make_optimizer(cfg, cfg.epochs * steps_per_epoch)
     k_init, key = jax.random.split(jax.random.PRNGKey(cfg.seed))
     if resume:
-        state, history, saved = load_checkpoint(ckpt)
-        # fields missing from an older checkpoint take their defaults; ``devices`` places the
-        # same computation, so a run may resume on another number of devices
-        saved = dataclasses.asdict(dataclasses.replace(Config(**saved), devices=cfg.devices))
-        if saved != dataclasses.asdict(cfg):
-            diff = {k: (saved.get(k), v) for k, v in dataclasses.asdict(cfg).items() if saved.get(k) != v}
-            raise ValueError(f"--resume: the checkpoint in {out_dir} was written with another "
-                             f"configuration (saved, now): {diff}")
+        state, history, _ = load_checkpoint(ckpt)
     else:
         params = init(k_init)
         state, history = TrainState(params, opt.init(params), jnp.zeros((), jnp.int32)), []
+        if overwrite:      # the previous run's results; its checkpoint goes at the first save
+            for name in ("metrics.json", "curves.png", OLD_CHECKPOINT):
+                if os.path.exists(os.path.join(out_dir, name)):
+                    os.remove(os.path.join(out_dir, name))
     if mesh is None:
         epoch_fn = jax.jit(lambda s, k: train_epoch(loss, opt, s, x, y, k, cfg.batch_size, cfg.input_noise))
-    else:  # data parallel: the batch split over the devices, the rest replicated
+    elif cfg.model_parallel == 1:  # data parallel: the batch split, the rest replicated
         state, x, y = distributed.replicate((state, x, y), mesh)
         dp_epoch = distributed.data_parallel_epoch(loss, opt, mesh, cfg.batch_size, cfg.input_noise)
         epoch_fn = lambda s, k: dp_epoch(s, x, y, k)
+    else:  # data × model: the MLP's layers (and Adam's moments) split over "model" as well
+        shardings = distributed.state_shardings(
+            state, mesh, distributed.mlp_shardings(jax.device_get(state.params), mesh))
+        state = jax.device_put(state, shardings)
+        x, y = distributed.replicate((x, y), mesh)
+        mp_epoch = distributed.model_parallel_epoch(loss, opt, mesh, cfg.batch_size, shardings,
+                                                    cfg.input_noise)
+        epoch_fn = lambda s, k: mp_epoch(s, x, y, k)
     eval_fn = jax.jit(lambda p, xs, ys: evaluate(apply, p, xs, ys, ds.task, cfg.backward))
     metric = "accuracy" if ds.task == "classification" else "rmse"
     bar = _progress(cfg.epochs, int(state.epoch), progress)
@@ -124,12 +357,12 @@ def fit(cfg: Config, out_dir: str, resume: bool = False, progress: bool = True) 
                             "train_loss": float(tr_loss), f"train_{metric}": float(tr_metric),
                             "test_loss": float(te_loss), f"test_{metric}": float(te_metric),
                             "seconds": time.perf_counter() - t})
-            save_checkpoint(ckpt, state, history, cfg)
+            save_checkpoint(ckpt, _whole(state, mesh), history, cfg, fingerprint)
             bar.update(1)
             bar.set_postfix(loss=f"{float(tr_loss):.4f}", **{f"test_{metric[:3]}": f"{float(te_metric):.4f}"})
     except KeyboardInterrupt:
         bar.close()
-        save_checkpoint(ckpt, state, history, cfg)
+        save_checkpoint(ckpt, _whole(state, mesh), history, cfg, fingerprint)
         print(f"\ninterrupted: checkpoint of epoch {int(state.epoch)} saved to {ckpt}; "
               f"continue with --resume {out_dir}")
         raise
@@ -208,10 +441,26 @@ def _non_finite_message(loss, opt, cfg: Config, state: TrainState, x, y, key, lo
 
 
 def _mesh(cfg: Config):
-    """The data-parallel mesh of ``cfg.devices``, after checking that the batch splits evenly."""
-    mesh = distributed.make_mesh(cfg.devices)
+    """The ``(devices / model_parallel) × model_parallel`` mesh, after checking that the batch
+    splits evenly and that the model can be split (the MLP, with hidden widths that
+    ``model_parallel`` divides)."""
+    if cfg.model_parallel > 1 and cfg.model != "mlp":
+        raise ValueError(f"--model-parallel {cfg.model_parallel}: only --model mlp is split over "
+                         f"devices (--model {cfg.model} trains data parallel: use --devices alone)")
+    if cfg.model_parallel > 1 and cfg.width % cfg.model_parallel:
+        raise ValueError(f"--model-parallel {cfg.model_parallel} must divide --width {cfg.width} "
+                         f"(each device holds width / model-parallel hidden units)")
+    mesh = distributed.make_mesh(cfg.devices, model=cfg.model_parallel)
     distributed.check_batch_size(cfg.batch_size, mesh)
     return mesh
+
+
+def _whole(state: TrainState, mesh) -> TrainState:
+    """``state`` with every leaf whole on every device (a no-op unless split over "model"), so
+    that each process can write the checkpoint's arrays."""
+    if mesh is None or mesh.shape[distributed.MODEL] == 1:
+        return state
+    return distributed.gather(state, mesh)
 
 
 class _NoBar:
