@@ -1,11 +1,13 @@
 """``jbackprop bench`` and its grid: the suite runs end to end and compares like with like.
 
 No timing is asserted here (timings live in the benchmark's own output, not in unit tests):
-these tests check that every configuration's manual and autodiff versions compute the same
-mathematics, that the harness measures what it says, and that the command writes its table,
-JSON and chart. The optional PyTorch / Equinox columns are tested in test_bench_external.py.
+these tests check that every configuration's manual and autodiff versions (and, for the
+convolutions, the ``lax.conv`` baseline) compute the same mathematics, that the harness
+measures what it says, and that the command writes its table, JSON and chart. The optional
+PyTorch / Equinox / Flax columns are tested in test_bench_external.py.
 """
 import json
+import re
 
 import chex
 import jax
@@ -71,7 +73,8 @@ def test_cli_bench_quick_writes_table_json_and_chart(tmp_path, capsys):
                      "--repeat", "2", "--no-external", "--json", str(out), "--plot", str(png), "--markdown", str(md)])
     assert code == 0
     text = capsys.readouterr().out
-    assert "manual ms" in text and "autodiff ms" in text and "targets:" in text
+    assert "manual ms" in text and "base ms" in text and "targets:" in text
+    assert re.search(r"^mlp-small +autodiff ", text, re.M)   # the dense models' baseline
     result = json.loads(out.read_text())
     assert [r["name"] for r in result["configs"]] == ["mlp-small", "layernorm-net"]
     assert result["gemm"]["gflops"] > 0
@@ -95,3 +98,63 @@ def test_cli_bench_quick_writes_table_json_and_chart(tmp_path, capsys):
 def test_cli_bench_unknown_config_exits_2(capsys):
     assert cli.main(["bench", "--quick", "--config", "nope", "--no-compile-depth"]) == 2
     assert "unknown configuration" in capsys.readouterr().err
+
+
+CONV_CONFIGS = [c for c in bench_models.CONFIGS if c.name.startswith("conv")]
+
+
+@pytest.mark.parametrize("config", CONV_CONFIGS, ids=lambda c: c.name)
+def test_convolutions_are_compared_with_lax_conv(config):
+    """Every convolutional configuration has the ``lax.conv`` version (``jax.grad`` of the net
+    written with ``lax.conv_general_dilated`` on the NHWC batch), names it as its baseline, and
+    it computes jbackprop's loss and gradient: float64, the hand-written backward against
+    ``jax.grad`` of lax.conv, to round-off."""
+    p = config.build(True)
+    assert p.baseline == "lax.conv" and {"manual", "autodiff", "lax.conv"} <= set(p.losses)
+    params = jax.tree.map(lambda a: a.astype(jnp.float64), p.params)
+    x = p.x.astype(jnp.float64)
+    value, grad = jax.jit(jax.value_and_grad(p.losses["lax.conv"]))(params, x, p.y)
+    man_value, man_grad = jax.jit(jax.value_and_grad(p.losses["manual"]))(params, x, p.y)
+    assert jnp.abs(grad[0]["w"]).max() > 1e-3                 # a gradient, not zeros
+    chex.assert_trees_all_close(man_value, value, rtol=1e-12, atol=0)
+    chex.assert_trees_all_close(man_grad, grad, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("n, k", [(1, 3), (1, 5), (2, 3), (2, 5)])
+def test_lax_conv_has_jbackprop_padding_and_layout(n, k):
+    """``lax_conv`` (``padding="SAME"``, NHWC / HWIO) is ``jb.conv1d`` / ``jb.conv2d`` (ℓ zeros
+    on each side, channels last, kernel ``(*K, C, C')``) on a batch, for k = 3 and 5."""
+    import jbackprop as jb
+    keys = jax.random.split(jax.random.PRNGKey(n * 10 + k), 3)
+    spatial = (9, 7)[:n]
+    z = jax.random.normal(keys[0], (4, *spatial, 3), jnp.float64)
+    p = {"w": jax.random.normal(keys[1], (k,) * n + (3, 5), jnp.float64),
+         "b": jax.random.normal(keys[2], (5,), jnp.float64)}
+    expected = (jb.conv1d if n == 1 else jb.conv2d)(p, z)
+    chex.assert_trees_all_close(bench_models.lax_conv(p, z), expected, rtol=1e-12, atol=1e-12)
+
+
+def test_cli_bench_conv_reports_the_lax_conv_baseline(tmp_path, capsys):
+    """A convolutional configuration's record, table and Markdown show manual against
+    ``lax.conv`` as the headline and the shifted-slice reference as a labelled secondary
+    figure; its targets are against ``lax.conv``. (Structure only: no timing is asserted.)"""
+    out, md = tmp_path / "bench.json", tmp_path / "bench.md"
+    code = cli.main(["bench", "--quick", "--config", "conv2d-pair", "--budget", "0",
+                     "--no-external", "--no-compile-depth", "--json", str(out),
+                     "--markdown", str(md)])
+    assert code == 0
+    text = capsys.readouterr().out
+    assert "lax.conv" in text and "slice-ref" in text
+    (r,) = json.loads(out.read_text())["configs"]
+    assert r["baseline"] == "lax.conv"
+    assert set(r["versions"]) == {"manual", "autodiff", "lax.conv"}
+    for v in r["versions"].values():
+        assert v["step_ms"] > 0 and v["temp_bytes"] is not None
+        assert v["grad_rel_diff_vs_autodiff"] < 1e-5
+    assert r["step_ratio_runs"] == [pytest.approx(r["versions"]["manual"]["step_ms"]
+                                                  / r["versions"]["lax.conv"]["step_ms"])]
+    names = [t["target"] for t in json.loads(out.read_text())["targets"]]
+    assert names == ["conv2d-pair: step manual/lax.conv",
+                     "conv2d-pair: temp memory manual/lax.conv"]
+    row = next(line for line in md.read_text().splitlines() if line.startswith("| `conv2d-pair`"))
+    assert "`jax.grad` of `lax.conv_general_dilated`" in row

@@ -1,10 +1,12 @@
 """``jbackprop bench``: whole training steps with the hand-written backwards against ``jax.grad``
-of the same mathematics.
+of the same model as a user would write it (``lax.conv_general_dilated`` for the convolutions,
+plain ``jnp`` otherwise).
 
 * ``harness``: timing (interleaved medians), compile time, ``memory_analysis()``, the GEMM probe,
   the run and its targets;
-* ``models``: the benchmark configurations, each built twice from the same per-example code;
-* ``external``: the PyTorch and Equinox columns, when those are installed;
+* ``models``: the benchmark configurations, each built from the same per-example code with
+  jbackprop and with the references, and the ``lax.conv`` baseline of the convolutional nets;
+* ``external``: the PyTorch, Equinox and Flax columns, when those are installed;
 * ``report``: the table, Markdown and chart.
 """
 from jbackprop.bench.harness import compile_vs_depth, main, run

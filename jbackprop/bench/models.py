@@ -11,8 +11,17 @@ against a library namespace ``lib`` with ``mm``, ``relu``, ``layer_norm``, ``res
 Both are batched the same way (``jax.vmap`` over the examples) and trained by the same step, so
 the only difference is who wrote the backward. Where the modules also take leading batch axes,
 a third version, **manual, batched**, calls them on the whole batch directly, to compare the
-vmap-batched per-example pipeline with it. Optional columns (PyTorch eager and
-``torch.compile``, Equinox) are built in ``bench_external``.
+vmap-batched per-example pipeline with it.
+
+Each configuration also names its **baseline**: what a user who does not use jbackprop would
+write and differentiate with ``jax.grad``. For the dense models that is the reference itself
+(plain ``jnp``: ``W @ z + b``, mean and variance, logsumexp). For the convolutional ones it is
+not: the reference computes a convolution by ``k`` (or ``k²``) shifted slices, which nobody
+writes; a user calls ``jax.lax.conv_general_dilated`` on the whole NHWC batch, as Flax and
+Equinox do. Those configurations get a fourth version, **lax.conv** (``lax_conv_apply``), and
+it is their baseline; the shifted-slice reference stays as a secondary, labelled column.
+Optional columns (PyTorch eager and ``torch.compile``, Equinox, Flax) are built in
+``bench_external``.
 """
 from __future__ import annotations
 
@@ -21,6 +30,7 @@ from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import optax
 
 import jbackprop as jb
 from jbackprop.modules import combinators as cb
@@ -36,7 +46,8 @@ class Problem(NamedTuple):
     y: jax.Array                     # (B,) integer labels
     losses: dict[str, Callable]      # version -> loss(params, x, y), the mean over the batch
     matmul_flops: float              # 6·B·(weights in matrix multiplies) per training step
-    spec: dict                       # sizes, for the external (PyTorch, Equinox) builders
+    spec: dict                       # sizes, for the external (PyTorch, Equinox, Flax) builders
+    baseline: str = "autodiff"       # the version a user without jbackprop would write
 
 
 class Config(NamedTuple):
@@ -64,11 +75,13 @@ def _batched(apply: Callable) -> Callable:
     return lambda params, x, y: jnp.mean(jb.cross_entropy_loss(apply(jb, params, x), y))
 
 
-def _problem(apply, params, x, y, flops, spec, batched=True) -> Problem:
+def _problem(apply, params, x, y, flops, spec, batched=True, extra=None,
+             baseline="autodiff") -> Problem:
     losses = {v: per_example(lib, apply) for v, lib in LIBS.items()}
     if batched:
         losses["manual, batched"] = _batched(apply)
-    return Problem(params, x, y, losses, float(flops), spec)
+    losses.update(extra or {})
+    return Problem(params, x, y, losses, float(flops), spec, baseline)
 
 
 def _weights(params) -> int:
@@ -134,19 +147,66 @@ def _ln_net(width, blocks, classes, batch):
 
 
 # --- convolutional nets (models.conv_net: Conv → LN → ReLU → Res(Conv → ReLU) → MM) -----------
-def _conv(conv, in_shape, channels, classes, batch):
+def _conv_layers(layers: str, c: int, classes: int, conv: str, reference: bool):
+    """``"net"``: ``jb.conv_net``; ``"pair"``: Conv → ReLU → Conv → MM (the convolutions and
+    nothing else of note: the comparison with ``lax.conv`` of the convolution alone)."""
+    if layers == "net":
+        return jb.conv_net(c, 3, classes, conv, reference=reference)
+    Conv = {"1d": cb.Conv1D, "2d": cb.Conv2D}[conv]
+    return cb.serial(Conv(c, 3, reference=reference), cb.Activation(jb.relu, reference=reference),
+                     Conv(c, 3, reference=reference), cb.Flatten,
+                     cb.Dense(classes, reference=reference))
+
+
+def lax_conv(p, x):
+    """A "same" convolution as a user writes it: ``lax.conv_general_dilated`` on the batch
+    ``x (B, *S, C)``, kernel ``p["w"] (*K, C, C')`` (``NHWC`` / ``HWIO``, or ``NWC`` / ``WIO``),
+    stride 1, ``padding="SAME"`` (ℓ zeros each side for ``k = 2ℓ + 1``: ``jb.conv2d``'s)."""
+    sp = "HW"[-(x.ndim - 2):]
+    return jax.lax.conv_general_dilated(
+        x, p["w"], (1,) * (x.ndim - 2), "SAME",
+        dimension_numbers=("N" + sp + "C", sp + "IO", "N" + sp + "C")) + p["b"]
+
+
+def lax_conv_apply(layers: str, params, x):
+    """The logits of the ``"net"`` or ``"pair"`` configuration on the **batch** ``x``, written
+    as a user without jbackprop writes it: ``lax.conv_general_dilated`` (``lax_conv``),
+    ``jax.nn.relu``, layer norm from ``mean`` and ``var``, ``x @ W.T + b`` — all differentiated
+    by ``jax.grad``. Same parameters (``params``) as ``_conv_layers(layers, ...)``."""
+    if layers == "pair":
+        c1, _, c2, _, head = params
+        z = lax_conv(c2, jax.nn.relu(lax_conv(c1, x)))
+    else:
+        c1, ln, _, (c2, _), _, head = params
+        z = lax_conv(c1, x)
+        mu, var = jnp.mean(z, -1, keepdims=True), jnp.var(z, -1, keepdims=True)
+        z = jax.nn.relu(ln["beta"] + ln["gamma"] * (z - mu) / jnp.sqrt(var + 1e-5))
+        z = z + jax.nn.relu(lax_conv(c2, z))
+    return z.reshape(z.shape[0], -1) @ head["W"].T + head["b"]
+
+
+def lax_conv_loss(layers: str) -> Callable:
+    """Mean cross-entropy (optax's) of ``lax_conv_apply``: the ``lax.conv`` version."""
+    def loss(params, x, y):
+        logits = lax_conv_apply(layers, params, x)
+        return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, y))
+    return loss
+
+
+def _conv(conv, in_shape, channels, classes, batch, layers="net"):
     def build(quick):
         shape, c, b = (tuple(min(n, 12) for n in in_shape[:-1]) + (2,), 4, 4) if quick \
             else (in_shape, channels, batch)
-        net = {v: jb.conv_net(c, 3, classes, conv, reference=v == "autodiff") for v in LIBS}
+        net = {v: _conv_layers(layers, c, classes, conv, reference=v == "autodiff") for v in LIBS}
         params = net["manual"].init(jax.random.PRNGKey(0), shape)
         x, y = _data(b, shape, classes)
         apply = lambda lib, p, xi: net["autodiff" if lib is reference else "manual"].apply(p, xi)
         k = 3 ** (len(shape) - 1)                                   # taps of a 3 or 3×3 kernel
         conv_flops = 6 * b * math.prod(shape[:-1]) * k * (shape[-1] * c + c * c)   # two convs
         return _problem(apply, params, x, y, conv_flops + 6 * b * _weights(params),
-                        {"kind": "conv", "conv": conv, "shape": shape, "channels": c,
-                         "batch": b}, batched=False)
+                        {"kind": "conv", "conv": conv, "layers": layers, "shape": shape,
+                         "channels": c, "classes": classes, "batch": b}, batched=False,
+                        extra={"lax.conv": lax_conv_loss(layers)}, baseline="lax.conv")
     return build
 
 
@@ -176,6 +236,8 @@ CONFIGS = [
            _conv("1d", (1024, 16), 32, 10, 32)),
     Config("conv2d", "Conv2D net, 32×32 × 16 ch → 32 ch, batch 32",
            _conv("2d", (32, 32, 16), 32, 10, 32)),
+    Config("conv2d-pair", "Conv2D → ReLU → Conv2D → MM, 32×32 × 16 ch → 32 ch, batch 32",
+           _conv("2d", (32, 32, 16), 32, 10, 32, layers="pair")),
     Config("xent-10k", "cross-entropy, 10 000 classes: MM 512→10000, batch 256",
            _many_classes(512, 10_000, 256)),
 ]
@@ -192,4 +254,5 @@ def select(names: list[str] | None) -> list[Config]:
     return [known[n] for n in names]
 
 
-__all__ = ["CONFIGS", "Config", "Problem", "select"]
+__all__ = ["CONFIGS", "Config", "Problem", "select", "lax_conv", "lax_conv_apply",
+           "lax_conv_loss"]

@@ -28,6 +28,11 @@ One pair of helpers, ``_forward`` and ``_backward``, works on the canonical shap
 ``custom_vjp`` cores call them: ``_conv`` (Conv1D and Conv2D, whose shapes are already
 canonical) and ``_conv_s`` (the single-channel variants, which add and remove the unit channel
 axes around the helpers so that their parameters and gradients keep the notes' shapes).
+
+Against ``jax.grad`` of ``lax.conv_general_dilated`` (what Flax and Equinox users write) this
+backward is at parity, not ahead: JAX's own transpose rules for the convolution are the same
+two convolutions, and XLA compiles both to the same operations (the same three convolutions,
+the same layout copies), so there is nothing left to save — see ``docs/benchmarks.md``.
 """
 from __future__ import annotations
 
@@ -40,7 +45,7 @@ from jax import lax
 from jbackprop import reference
 from jbackprop.modules import arguments
 from jbackprop.modules.registry import declare, normal
-from jbackprop.modules.wiring import apply
+from jbackprop.modules.wiring import apply, sharded_like
 
 # The public modules, re-exported by jbackprop.
 __all__ = ["conv1d_s", "conv1d", "conv2d_s", "conv2d"]
@@ -89,7 +94,8 @@ def _backward(w, z, v):
     z_bar = lax.conv_general_dilated(                       # Qᵀ v
         vf, w_flip, strides, pad, dimension_numbers=("N" + sp + "C", sp + "OI", "N" + sp + "C"))
     w_bar = lax.conv_general_dilated(                       # Σ_{n,i} v_i z_{i−ℓ+j}
-        zf, vf, strides, pad, dimension_numbers=("C" + sp + "N", "I" + sp + "O", sp + "NC"))
+        zf, vf, strides, pad, dimension_numbers=("C" + sp + "N", "I" + sp + "O", sp + "NC"),
+        **sharded_like(w))                                  # (explicit meshes: w's sharding)
     b_bar = v.sum(axis=tuple(range(v.ndim - 1)))            # Σ_{n,i} v_i
     return w_bar, b_bar, z_bar.reshape(z.shape)
 

@@ -176,10 +176,17 @@ def sum_over_batch(v, z, batch: tuple, like):
     how the output should be sharded"): it is the weight's own (replicated, or split over
     ``"model"``), which is also what ``jax.grad`` of the plain code gives. Elsewhere this is
     ``jnp.tensordot``."""
-    sharding = explicit_sharding(like)
-    if sharding is None:
+    if explicit_sharding(like) is None:
         return jnp.tensordot(v, z, axes=(batch, batch))
-    return jax.lax.dot_general(v, z, ((batch, batch), ((), ())), out_sharding=sharding)
+    return jax.lax.dot_general(v, z, ((batch, batch), ((), ())), **sharded_like(like))
+
+
+def sharded_like(like) -> dict:
+    """``{"out_sharding": like's sharding}`` on a mesh with ``AxisType.Explicit`` axes, else
+    ``{}``: keyword arguments for a contraction over the (sharded) batch axes whose result is a
+    weight's gradient (``sum_over_batch``; the convolutions' ``w̄``)."""
+    sharding = explicit_sharding(like)
+    return {} if sharding is None else {"out_sharding": sharding}
 
 
 def _shape_text(tree) -> str:
