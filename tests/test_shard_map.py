@@ -14,16 +14,13 @@ import pathlib
 import subprocess
 import sys
 
-import pytest
-
 from jbackprop.modules.registry import cases
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "tests" / "shard_map_4_devices.py"
 
 
-@pytest.fixture(scope="module")
-def measured():
+def _measure():
     env = dict(os.environ, JAX_PLATFORMS="cpu")
     env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=4".strip()
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
@@ -33,16 +30,17 @@ def measured():
     return json.loads(run.stdout.strip().splitlines()[-1])
 
 
-@pytest.mark.parametrize("name", [c.name for c in cases()])
-def test_module_inside_shard_map(measured, name):
-    result = measured[name]
-    assert "error" not in result, result.get("error")
-    assert result["vs_one_device"] < 1e-12, result
-    assert result["vs_reference"] < 1e-12, result
-
-
-@pytest.mark.parametrize("name", [c.name for c in cases()])
-def test_module_on_an_explicit_mesh(measured, name):
-    result = measured[name]
-    assert "explicit_error" not in result, result.get("explicit_error")
-    assert result["explicit_vs_one_device"] < 1e-12, result
+def test_every_module_inside_shard_map_and_on_an_explicit_mesh():
+    """One test, so that ``pytest -n 2`` starts the 4-device process once; a failure lists every
+    case that failed, with its measurements or its exception."""
+    measured = _measure()
+    names = [c.name for c in cases()]
+    assert sorted(measured) == sorted(names)
+    failed = {}
+    for name in names:
+        r = measured[name]
+        if "error" in r or "explicit_error" in r or not (
+                r["vs_one_device"] < 1e-12 and r["vs_reference"] < 1e-12
+                and r["explicit_vs_one_device"] < 1e-12):
+            failed[name] = r
+    assert not failed, "\n".join(f"{k}: {v}" for k, v in failed.items())
