@@ -85,7 +85,6 @@ def steps(spec: dict, x, y) -> dict[str, Callable[[], Any]]:
 
 # --- PyTorch ---------------------------------------------------------------------------------
 def _torch_model(spec: dict):
-    import torch
     from torch import nn
 
     class Residual(nn.Module):

@@ -7,7 +7,6 @@ the batch once, so its weight gradient is one matrix multiply (see ``wiring``).
 from __future__ import annotations
 
 import jax
-import jax.numpy as jnp
 
 from jbackprop import reference
 from jbackprop.modules import arguments
