@@ -63,6 +63,19 @@ def digits_problem(dtype):
     return x, y, loss, opt, TrainState(params, opt.init(params), jnp.zeros((), jnp.int32))
 
 
+def side_by_side(one, four, s1, s4, x, y):
+    """``STEPS // 10`` epochs of ``one(state, key)`` (one device) and ``four(state, x, y, key)``
+    (the mesh) from the same keys: the final states and the step losses of each."""
+    l1, l4 = [], []
+    for e in range(STEPS // 10):
+        key = jax.random.PRNGKey(e)
+        s1, a = one(s1, key)
+        s4, b = four(s4, x, y, key)
+        l1.append(a)
+        l4.append(b)
+    return s1, s4, np.concatenate(l1), np.concatenate(l4)
+
+
 def data_parallel(dtype):
     x, y, loss, opt, state0 = digits_problem(dtype)
     seen = []
@@ -73,17 +86,10 @@ def data_parallel(dtype):
 
     one = jax.jit(lambda s, k: train.train_epoch(loss, opt, s, x, y, k, BATCH, NOISE))
     mesh = dist.make_mesh(4)
-    s1, s4 = state0, dist.replicate(state0, mesh)
+    s4 = dist.replicate(state0, mesh)
     four = dist.data_parallel_epoch(spied_loss, opt, mesh, BATCH, NOISE).lower(
         s4, x, y, jax.random.PRNGKey(0)).compile()      # compiled once, ahead of time
-    l1, l4 = [], []
-    for e in range(STEPS // 10):
-        key = jax.random.PRNGKey(e)
-        s1, a = one(s1, key)
-        s4, b = four(s4, x, y, key)
-        l1.append(a)
-        l4.append(b)
-    l1, l4 = np.concatenate(l1), np.concatenate(l4)
+    s1, s4, l1, l4 = side_by_side(one, four, state0, s4, x, y)
     hlo = four.as_text()
     leaves = jax.tree.leaves(s4.params)
     return {"steps": len(l4),
@@ -104,15 +110,7 @@ def model_parallel_training(dtype):
     shardings = dist.state_shardings(state0, mesh, dist.mlp_shardings(state0.params, mesh))
     one = jax.jit(lambda s, k: train.train_epoch(loss, opt, s, x, y, k, BATCH, NOISE))
     four = dist.model_parallel_epoch(loss, opt, mesh, BATCH, shardings, NOISE)
-    s1, s4 = state0, jax.device_put(state0, shardings)
-    l1, l4 = [], []
-    for e in range(STEPS // 10):
-        key = jax.random.PRNGKey(e)
-        s1, a = one(s1, key)
-        s4, b = four(s4, x, y, key)
-        l1.append(a)
-        l4.append(b)
-    l1, l4 = np.concatenate(l1), np.concatenate(l4)
+    s1, s4, l1, l4 = side_by_side(one, four, state0, jax.device_put(state0, shardings), x, y)
     first = s4.params[0]["W"]
     return {"steps": len(l4), "loss_rel": float(np.max(np.abs(l4 - l1) / np.abs(l1))),
             "param_rel": rel_diff(s4.params, s1.params),

@@ -159,11 +159,7 @@ def data_parallel_epoch(loss: Callable, opt: optax.GradientTransformation, mesh:
     Raises:
       ValueError: ``batch_size`` is not a multiple of the devices along ``"data"``.
     """
-    check_batch_size(batch_size, mesh)
-    rep = replicated(mesh)
-    return jax.jit(lambda state, x, y, key: train_epoch(
-        loss, opt, state, x, y, key, batch_size, input_noise, batch_sharding=data_sharding(mesh)),
-        in_shardings=(rep, rep, rep, rep), out_shardings=rep)
+    return model_parallel_epoch(loss, opt, mesh, batch_size, replicated(mesh), input_noise)
 
 
 def state_shardings(state: Any, mesh: Mesh, param_shardings: Any) -> Any:
@@ -186,7 +182,8 @@ def model_parallel_epoch(loss: Callable, opt: optax.GradientTransformation, mesh
                          batch_size: int, shardings: Any, input_noise: float = 0.0) -> Callable:
     """``train.train_epoch`` on a 2-D mesh: each mini-batch split over ``"data"``, the
     parameters (and the optimiser state shaped like them) split over ``"model"`` as
-    ``shardings`` says (e.g. ``state_shardings(state, mesh, mlp_shardings(params, mesh))``).
+    ``shardings`` says (e.g. ``state_shardings(state, mesh, mlp_shardings(params, mesh))``;
+    ``replicated(mesh)`` is data parallelism, ``data_parallel_epoch``).
 
     Returns ``epoch(state, x, y, key) -> (state, losses)``, the same function of its arguments
     as ``train_epoch``; XLA inserts the all-reduces over ``"data"`` (the gradient) and over
