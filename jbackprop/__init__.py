@@ -1,9 +1,12 @@
 """jbackprop: neural-network modules with hand-written backward functions, wired into JAX.
 
 Every module is a pure forward plus the backward function B[M, z] (and B[M, θ]) of the course
-notes, written by hand and registered with ``jax.custom_vjp``. Each module works on one example
+notes and its forward-mode twin, the JVP J_M ż, both written by hand and wired into JAX by
+``jb.custom_rules`` (``jax.grad`` runs the backward; ``jax.jvp``, ``jax.jacfwd`` and
+``jax.hessian`` run the JVP). Each module works on one example
 in the notes' convention and is batched with ``jax.vmap`` (or extra leading axes).
-``jb.backward(module)`` gives the hand-written backward in the notes' form. See ``docs/``.
+``jb.backward(module)`` and ``jb.tangent(module)`` give the two hand-written rules in the
+notes' form. See ``docs/``.
 
 Subpackages: ``jbackprop.modules`` (the modules and their registry), ``jbackprop.check``
 (verification), ``jbackprop.train`` (training), ``jbackprop.bench`` (benchmarks);
@@ -20,11 +23,12 @@ from jbackprop.modules.linear import *  # noqa: F401,F403
 from jbackprop.modules.losses import *  # noqa: F401,F403
 from jbackprop.modules.models import *  # noqa: F401,F403
 from jbackprop.modules.normalisation import *  # noqa: F401,F403
-from jbackprop.modules.wiring import backward
+from jbackprop.modules.rules import custom_rules
+from jbackprop.modules.wiring import backward, tangent
 
 __version__ = "0.1.0"
 
-__all__ = ["backward", "check", "testing", "combinators", "reference", "Layer", "serial",
+__all__ = ["backward", "tangent", "custom_rules", "check", "testing", "combinators", "reference", "Layer", "serial",
            *linear.__all__, *activations.__all__, *normalisation.__all__, *convolution.__all__,
            *losses.__all__, *models.__all__]
 

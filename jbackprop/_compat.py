@@ -4,15 +4,17 @@ Tested with the oldest JAX that ``pyproject.toml`` allows (CI runs a subset of t
 ``.ci/run``) and with the newest release (the full suite). When JAX moves one of these names,
 only this file changes.
 
-* ``Primitive``, ``ad``, ``batching``, ``mlir``: defining the ``jbackprop_call`` primitive
-  (``jbackprop.modules.wiring``): its JVP rule, batching rule and lowering.
+* ``Primitive``, ``ad``, ``batching``, ``mlir``: defining the ``jbackprop_call`` and
+  ``jbackprop_linear`` primitives (``jbackprop.modules.rules``): JVP, transpose and batching
+  rules and lowering (``ad.Zero``, ``ad.instantiate_zeros``, ``ad.is_undefined_primal``).
 * ``Tracer``: telling a traced value from a concrete one (labels are range-checked only when
   concrete).
 * ``shaped_array``: the abstract value of one output of the primitive.
 * ``custom_vjp_rules``: the forward rule, backward rule and non-differentiable argument
-  positions stored on a ``jax.custom_vjp`` function (for ``M.vjp`` / ``M.backward``).
+  positions stored on a user's ``jax.custom_vjp`` function (``jbackprop.check.nonfinite``).
 * ``set_custom_vjp_rules``: putting a forward and backward rule on a ``jax.custom_vjp``
-  function (or back), as exactly these objects (``jbackprop.check.nonfinite``).
+  function or a ``jb.custom_rules`` core (or back), as exactly these objects
+  (``jbackprop.check.nonfinite``).
 * ``varying_axes`` and ``mark_varying``: inside ``jax.shard_map``, the mesh axes along which
   a value varies (its type's ``vma``) and the cast that makes a replicated value varying
   (``lax.pcast(..., to="varying")``, ``lax.pvary`` before it; the type's ``vma``, its
@@ -52,7 +54,8 @@ def shaped_array(struct, like=None) -> ShapedArray:
 
 
 def custom_vjp_rules(core):
-    """``(fwd, bwd, nondiff_argnums, parameter names)`` of a ``jax.custom_vjp`` function."""
+    """``(fwd, bwd, nondiff_argnums, parameter names)`` of a ``jax.custom_vjp`` function (a
+    user's; the modules' cores are ``jb.custom_rules``, whose rules are plain attributes)."""
     import inspect
     names = list(inspect.signature(core.fun).parameters)
     return core.fwd, core.bwd, tuple(core.nondiff_argnums), names

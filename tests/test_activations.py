@@ -1,7 +1,7 @@
 """Activations beyond the registry's cases (tests/test_registry.py verifies each at its
 declared hyper-parameters — leaky ReLU γ = 0.1, softplus β = 2, ELU α = 0.7, both GELU forms —
 in float32 and float64): the other hyper-parameters (the defaults among them), scalars, kinks,
-closed forms, large inputs, low precision, bad input and ``backward_from_output``."""
+closed forms, large inputs, low precision, bad input and ``derivative_from_output``."""
 import functools
 
 import chex
@@ -13,7 +13,7 @@ import pytest
 import jbackprop as jb
 from jbackprop import reference as ref
 from jbackprop.modules import registry
-from jbackprop.modules.activations import backward_from_output
+from jbackprop.modules.activations import derivative_from_output
 from jbackprop.testing import assert_vjp_correct
 from helpers import U32, cast
 
@@ -135,10 +135,10 @@ FROM_OUTPUT = [case for case in CASES if case[0] not in NOT_FROM_OUTPUT]
 
 @pytest.mark.parametrize("fn, reference, kw", FROM_OUTPUT,
                          ids=[f"{f.__name__}-{kw}" for f, _, kw in FROM_OUTPUT])
-def test_backward_from_output(fn, reference, kw):
-    """Where σ' is a function of σ, ``backward_from_output(σ)(σ(z), v)`` is autodiff's
+def test_derivative_from_output(fn, reference, kw):
+    """Where σ' is a function of σ, ``derivative_from_output(σ)(σ(z), v)`` is autodiff's
     ``(∂σ/∂z)ᵀ v`` of the reference."""
-    back = backward_from_output(functools.partial(fn, **kw) if kw else fn)
+    back = derivative_from_output(functools.partial(fn, **kw) if kw else fn)
     v = jnp.array([[0.3, -1.2, 2.0], [1.5, 0.7, -0.4]])
     expected = jax.vjp(lambda z: reference(z, **kw), Z)[1](v)[0]
     chex.assert_trees_all_close(back(reference(Z, **kw), v), expected, **F64)
@@ -146,6 +146,6 @@ def test_backward_from_output(fn, reference, kw):
 
 @pytest.mark.parametrize("fn, kw", [(f, kw) for f, _, kw in CASES if f in NOT_FROM_OUTPUT],
                          ids=[f"{f.__name__}-{kw}" for f, _, kw in CASES if f in NOT_FROM_OUTPUT])
-def test_no_backward_from_output(fn, kw):
+def test_no_derivative_from_output(fn, kw):
     """GELU, softplus and ELU: σ' is not a function of σ, so there is none."""
-    assert backward_from_output(functools.partial(fn, **kw) if kw else fn) is None
+    assert derivative_from_output(functools.partial(fn, **kw) if kw else fn) is None

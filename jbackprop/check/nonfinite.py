@@ -145,8 +145,11 @@ def _emit(method: str, *static, flags):
 
 
 def _wrap(core, module: str):
-    fwd, bwd, nondiff, names = custom_vjp_rules(core)
-    diff = [n for i, n in enumerate(names) if i not in nondiff]
+    if hasattr(core, "array_names"):                 # a custom_rules core (every module's)
+        fwd, bwd, diff = core.fwd, core.bwd, core.array_names
+    else:                                            # a user's jax.custom_vjp
+        fwd, bwd, nondiff, names = custom_vjp_rules(core)
+        diff = [n for i, n in enumerate(names) if i not in nondiff]
 
     def watched_fwd(*args, **kwargs):
         out, residuals = fwd(*args, **kwargs)
@@ -165,7 +168,7 @@ def _wrap(core, module: str):
 
 
 def _library_cores() -> dict:
-    """``{core: name}`` of every declared module with a ``custom_vjp`` core."""
+    """``{core: name}`` of every declared module with a core."""
     from jbackprop.modules.registry import declarations
     cores = [d.fn.core for d in declarations() if getattr(d.fn, "core", None) is not None]
     return {c: "/".join(d.name for d in declarations() if getattr(d.fn, "core", None) is c)

@@ -1,7 +1,8 @@
 """Element-wise activations (notes 7.24–7.28 and the lecture slides).
 
-Every activation has ``B[σ, z](v) = σ'(z) ⊙ v`` (7.69): the Jacobian is diagonal, so the
-backward is a Hadamard product and no Jacobian is formed. Each accepts any shape. ReLU saves
+Every activation has ``B[σ, z](v) = σ'(z) ⊙ v`` (7.69) and the JVP ``σ'(z) ⊙ ż``: the
+Jacobian is diagonal (and so its own transpose), both rules are a Hadamard product and no
+Jacobian is formed. Each accepts any shape. ReLU saves
 the mask ``z > 0`` (one byte per element); where ``σ'`` can be written in terms of the output,
 the residual is the output (which a following MM keeps anyway); otherwise it is the input ``z``.
 """
@@ -17,6 +18,7 @@ import jax.numpy as jnp
 from jbackprop import reference
 from jbackprop.modules import arguments
 from jbackprop.modules.registry import away_from, declare
+from jbackprop.modules.rules import custom_rules
 from jbackprop.modules.wiring import apply
 
 # The public modules, re-exported by jbackprop.
@@ -35,11 +37,11 @@ def _examples(rng):
 def _declare(fn, core, layer, backward, kinks="", hyper=({},)):
     declare(fn, core=core, reference=getattr(reference, fn.__name__), examples=_examples,
             family="activations", section=fn.__name__.replace("_", "-"), shapes="any shape",
-            backward=backward, kinks=kinks, hyper=hyper, layer=layer)
+            backward=backward, tangent="`σ'(z) ⊙ ż`", kinks=kinks, hyper=hyper, layer=layer)
 
 
 # --- ReLU: σ(z) = max(z, 0), σ'(z) = 1{z > 0} (0 at z = 0, as jax.nn.relu) ---------------
-@jax.custom_vjp
+@functools.partial(custom_rules, batch_argnums=(0,))
 def _relu(z):
     return jnp.maximum(z, 0)
 
@@ -52,7 +54,11 @@ def _relu_bwd(mask, v):
     return (jnp.where(mask, v, jnp.zeros_like(v)),)   # 1{z > 0} ⊙ v
 
 
-_relu.defvjp(_relu_fwd, _relu_bwd)
+def _relu_jvp(mask, z_dot):
+    return jnp.where(mask, z_dot, jnp.zeros_like(z_dot))   # 1{z > 0} ⊙ ż
+
+
+_relu.defrules(_relu_fwd, _relu_bwd, _relu_jvp)
 
 
 def relu(z):
@@ -65,7 +71,7 @@ _declare(relu, _relu, "Relu", "`1{z > 0} ⊙ v`", kinks="z = 0: σ' = 0 (as `jax
 
 
 # --- sigmoid: σ(z) = 1/(1 + e^{-z}), σ' = σ(1 − σ) --------------------------------------
-@jax.custom_vjp
+@functools.partial(custom_rules, batch_argnums=(0,))
 def _sigmoid(z):
     return jax.lax.logistic(z)                        # stable for large |z|
 
@@ -79,7 +85,11 @@ def _sigmoid_bwd(s, v):
     return (s * (1 - s) * v,)
 
 
-_sigmoid.defvjp(_sigmoid_fwd, _sigmoid_bwd)
+def _sigmoid_jvp(s, z_dot):
+    return s * (1 - s) * z_dot
+
+
+_sigmoid.defrules(_sigmoid_fwd, _sigmoid_bwd, _sigmoid_jvp)
 
 
 def sigmoid(z):
@@ -91,7 +101,7 @@ _declare(sigmoid, _sigmoid, "Sigmoid", "`σ(z)(1 − σ(z)) ⊙ v`")
 
 
 # --- tanh: σ' = 1 − tanh² ---------------------------------------------------------------
-@jax.custom_vjp
+@functools.partial(custom_rules, batch_argnums=(0,))
 def _tanh(z):
     return jnp.tanh(z)
 
@@ -105,7 +115,11 @@ def _tanh_bwd(t, v):
     return ((1 - t * t) * v,)
 
 
-_tanh.defvjp(_tanh_fwd, _tanh_bwd)
+def _tanh_jvp(t, z_dot):
+    return (1 - t * t) * z_dot
+
+
+_tanh.defrules(_tanh_fwd, _tanh_bwd, _tanh_jvp)
 
 
 def tanh(z):
@@ -117,7 +131,7 @@ _declare(tanh, _tanh, "Tanh", "`(1 − tanh²(z)) ⊙ v`")
 
 
 # --- leaky ReLU: max(z, γz), σ' = 1 if z > 0 else γ --------------------------------------
-@functools.partial(jax.custom_vjp, nondiff_argnames=("gamma",))
+@functools.partial(custom_rules, nondiff_argnames=("gamma",), batch_argnums=(0,))
 def _leaky_relu(z, gamma):
     return jnp.where(z > 0, z, gamma * z)
 
@@ -131,7 +145,11 @@ def _leaky_relu_bwd(gamma, u, v):
     return (jnp.where(u > 0, v, gamma * v),)
 
 
-_leaky_relu.defvjp(_leaky_relu_fwd, _leaky_relu_bwd)
+def _leaky_relu_jvp(gamma, u, z_dot):
+    return jnp.where(u > 0, z_dot, gamma * z_dot)
+
+
+_leaky_relu.defrules(_leaky_relu_fwd, _leaky_relu_bwd, _leaky_relu_jvp)
 
 
 def leaky_relu(z, gamma=0.01):
@@ -156,7 +174,7 @@ def _cdf(z):
     return 0.5 * jax.lax.erfc(-z / math.sqrt(2))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnames=("approximate",))
+@functools.partial(custom_rules, nondiff_argnames=("approximate",), batch_argnums=(0,))
 def _gelu(z, approximate):
     if approximate:
         return 0.5 * z * (1 + jnp.tanh(_GELU_C * (z + _GELU_A * z ** 3)))
@@ -167,18 +185,26 @@ def _gelu_fwd(z, approximate):
     return _gelu(z, approximate), z                   # residual: z
 
 
-def _gelu_bwd(approximate, z, v):
-    if approximate:  # d/dz [z/2 (1 + t)], t = tanh(c(z + a z³)): (1 + t)/2 + z/2 (1 − t²) c (1 + 3a z²)
+def _gelu_slope(z, approximate):
+    """σ'(z): Φ(z) + z φ(z); tanh form, with t = tanh(c(z + a z³)),
+    d/dz [z/2 (1 + t)] = (1 + t)/2 + z/2 (1 − t²) c (1 + 3a z²)."""
+    if approximate:
         t = jnp.tanh(_GELU_C * (z + _GELU_A * z ** 3))
         # where tanh saturates, 1 − t² is 0 and z³ may overflow: keep 0 · ∞ out of it
         slope = 0.5 * z * (1 - t * t) * _GELU_C * (1 + 3 * _GELU_A * z * z)
-        d = 0.5 * (1 + t) + jnp.where(t * t < 1, slope, 0)
-    else:            # Φ(z) + z φ(z)
-        d = _cdf(z) + z * jnp.exp(-0.5 * z * z) / math.sqrt(2 * math.pi)
-    return (d * v,)
+        return 0.5 * (1 + t) + jnp.where(t * t < 1, slope, 0)
+    return _cdf(z) + z * jnp.exp(-0.5 * z * z) / math.sqrt(2 * math.pi)
 
 
-_gelu.defvjp(_gelu_fwd, _gelu_bwd)
+def _gelu_bwd(approximate, z, v):
+    return (_gelu_slope(z, approximate) * v,)
+
+
+def _gelu_jvp(approximate, z, z_dot):
+    return _gelu_slope(z, approximate) * z_dot
+
+
+_gelu.defrules(_gelu_fwd, _gelu_bwd, _gelu_jvp)
 
 
 def gelu(z, approximate=False):
@@ -197,7 +223,7 @@ _declare(gelu, _gelu, "Gelu", "`(Φ(z) + z φ(z)) ⊙ v` (tanh form: its derivat
 
 
 # --- softplus: (1/β) log(1 + e^{βz}), σ' = sigmoid(βz) ------------------------------------
-@functools.partial(jax.custom_vjp, nondiff_argnames=("beta",))
+@functools.partial(custom_rules, nondiff_argnames=("beta",), batch_argnums=(0,))
 def _softplus(z, beta):
     return jnp.logaddexp(0, beta * z) / beta          # no overflow for large |βz|
 
@@ -210,7 +236,11 @@ def _softplus_bwd(beta, z, v):
     return (jax.lax.logistic(beta * z) * v,)
 
 
-_softplus.defvjp(_softplus_fwd, _softplus_bwd)
+def _softplus_jvp(beta, z, z_dot):
+    return jax.lax.logistic(beta * z) * z_dot
+
+
+_softplus.defrules(_softplus_fwd, _softplus_bwd, _softplus_jvp)
 
 
 def softplus(z, beta=1.0):
@@ -226,7 +256,7 @@ _declare(softplus, _softplus, "Softplus", "`sigmoid(βz) ⊙ v`", hyper=({"beta"
 
 
 # --- ELU: z if z ≥ 0 else α(e^z − 1), σ' = 1 if z ≥ 0 else α e^z ---------------------------
-@functools.partial(jax.custom_vjp, nondiff_argnames=("alpha",))
+@functools.partial(custom_rules, nondiff_argnames=("alpha",), batch_argnums=(0,))
 def _elu(z, alpha):
     return jnp.where(z >= 0, z, alpha * jnp.expm1(jnp.minimum(z, 0)))
 
@@ -239,7 +269,11 @@ def _elu_bwd(alpha, z, v):
     return (jnp.where(z >= 0, v, alpha * jnp.exp(jnp.minimum(z, 0)) * v),)
 
 
-_elu.defvjp(_elu_fwd, _elu_bwd)
+def _elu_jvp(alpha, z, z_dot):
+    return jnp.where(z >= 0, z_dot, alpha * jnp.exp(jnp.minimum(z, 0)) * z_dot)
+
+
+_elu.defrules(_elu_fwd, _elu_bwd, _elu_jvp)
 
 
 def elu(z, alpha=1.0):
@@ -252,23 +286,24 @@ _declare(elu, _elu, "Elu", "`(1 if z ≥ 0 else α e^z) ⊙ v`",
          kinks="z = 0 when α ≠ 1: σ' = 1", hyper=({"alpha": 0.7},))
 
 
-# --- the backward from the output, for composite modules --------------------------------------
-def backward_from_output(activation) -> Callable[[jax.Array, jax.Array], jax.Array] | None:
-    """``(u, v) -> B[σ, z](v)`` written with the output ``u = σ(z)``, or ``None``.
+# --- the derivative from the output, for composite modules ------------------------------------
+def derivative_from_output(activation) -> Callable[[jax.Array, jax.Array], jax.Array] | None:
+    """``(u, x) -> σ'(z) ⊙ x`` written with the output ``u = σ(z)``, or ``None``.
 
-    For ReLU (``1{u > 0} v``), leaky ReLU (``γ > 0``), sigmoid (``u(1 − u) v``) and tanh
-    (``(1 − u²) v``) the derivative is a function of the output. A composite module whose next
+    The Jacobian is diagonal, so this one map is both the backward (``x = v``) and the JVP
+    (``x = ż``). For ReLU (``1{u > 0}``), leaky ReLU (``γ > 0``), sigmoid (``u(1 − u)``) and
+    tanh (``1 − u²``) the derivative is a function of the output. A composite module whose next
     step keeps ``u`` anyway (the residual block: MM2 saves its input ``h1 = σ(a1)``) then needs
     no residual for σ at all. ``activation`` is the module or a ``functools.partial`` of it.
     """
     fn, kw = (activation.func, activation.keywords) if isinstance(activation, functools.partial) \
         else (activation, {})
     if fn is relu:
-        return lambda u, v: _leaky_relu_bwd(0.0, u, v)[0]
+        return functools.partial(_leaky_relu_jvp, 0.0)
     if fn is leaky_relu:
-        return lambda u, v: _leaky_relu_bwd(kw.get("gamma", 0.01), u, v)[0]
+        return functools.partial(_leaky_relu_jvp, kw.get("gamma", 0.01))
     if fn is sigmoid:
-        return lambda u, v: _sigmoid_bwd(u, v)[0]
+        return _sigmoid_jvp
     if fn is tanh:
-        return lambda u, v: _tanh_bwd(u, v)[0]
+        return _tanh_jvp
     return None

@@ -15,7 +15,8 @@ backward is
   the batch and the positions (and nothing per example);
 * ``B[·, b](v) = Σ_i v_i``.
 
-All four cost ``O(k m)`` per channel pair and example (``O(k² h w)`` in 2-D), not ``O(m²)``.
+The hand-written JVP uses that the convolution is bilinear in ``(w, z)``: ``Q ż + Q̇ z + ḃ``,
+two correlations of the forward's kind. All four cost ``O(k m)`` per channel pair and example (``O(k² h w)`` in 2-D), not ``O(m²)``.
 
 Layout: channels last, as JAX does. The notes write the Conv2D filters as ``C × C' × k × k``;
 here they are stored ``(k, k, C, C')`` (and ``(k, C, C')`` in 1-D), the input is ``(…, m, C)``
@@ -25,7 +26,7 @@ contracting batch and positions.
 
 One pair of helpers, ``_forward`` and ``_backward``, works on the canonical shapes
 ``w: (*K, C, C2)``, ``b: (C2,)``, ``z: (..., *S, C)`` for ``N = 1`` or ``2`` spatial axes. Two
-``custom_vjp`` cores call them: ``_conv`` (Conv1D and Conv2D, whose shapes are already
+``custom_rules`` cores call them: ``_conv`` (Conv1D and Conv2D, whose shapes are already
 canonical) and ``_conv_s`` (the single-channel variants, which add and remove the unit channel
 axes around the helpers so that their parameters and gradients keep the notes' shapes).
 
@@ -36,6 +37,7 @@ the same layout copies), so there is nothing left to save — see ``docs/benchma
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -45,6 +47,7 @@ from jax import lax
 from jbackprop import reference
 from jbackprop.modules import arguments
 from jbackprop.modules.registry import declare, normal
+from jbackprop.modules.rules import custom_rules
 from jbackprop.modules.wiring import apply, sharded_like
 
 # The public modules, re-exported by jbackprop.
@@ -101,7 +104,7 @@ def _backward(w, z, v):
 
 
 # --- Conv1D / Conv2D: canonical shapes ----------------------------------------------------
-@jax.custom_vjp
+@functools.partial(custom_rules, batch_argnums=(1,))
 def _conv(params, z):
     return _forward(params["w"], params["b"], z)
 
@@ -116,11 +119,16 @@ def _conv_bwd(res, v):
     return {"w": w_bar, "b": b_bar}, z_bar
 
 
-_conv.defvjp(_conv_fwd, _conv_bwd)
+def _conv_jvp(res, params_dot, z_dot):
+    w, z = res                                        # Q ż + ḃ  +  (Q̇ z): the conv is bilinear
+    return _forward(w, params_dot["b"], z_dot) + _forward(params_dot["w"], 0, z)
+
+
+_conv.defrules(_conv_fwd, _conv_bwd, _conv_jvp)
 
 
 # --- Conv1D-S / Conv2D-S: one channel in, one out ----------------------------------------
-@jax.custom_vjp
+@functools.partial(custom_rules, batch_argnums=(1,))
 def _conv_s(params, z):
     w, b = params["w"], params["b"]
     return _forward(w[..., None, None], b[None], z[..., None])[..., 0]
@@ -136,7 +144,15 @@ def _conv_s_bwd(res, v):
     return {"w": w_bar[..., 0, 0], "b": b_bar[0]}, z_bar[..., 0]
 
 
-_conv_s.defvjp(_conv_s_fwd, _conv_s_bwd)
+def _conv_s_jvp(res, params_dot, z_dot):
+    w, z = res                                        # Q ż + ḃ + Q̇ z, with unit channel axes
+    w_dot, b_dot = params_dot["w"][..., None, None], params_dot["b"][None]
+    u_dot = _forward(w[..., None, None], b_dot, z_dot[..., None]) + \
+        _forward(w_dot, 0, z[..., None])
+    return u_dot[..., 0]
+
+
+_conv_s.defrules(_conv_s_fwd, _conv_s_bwd, _conv_s_jvp)
 
 
 def _arguments(name, params, z, n, single):
@@ -195,7 +211,7 @@ def conv1d_s(params, z):
         non-floating ``z``.
     """
     params, z = _arguments("conv1d_s", params, z, 1, single=True)
-    return apply(_conv_s, params, z, batch_argnums=(1,))
+    return apply(_conv_s, params, z)
 
 
 def conv1d(params, z):
@@ -227,7 +243,7 @@ def conv1d(params, z):
         channel mismatch between ``w`` and ``z``, or a non-floating ``z``.
     """
     params, z = _arguments("conv1d", params, z, 1, single=False)
-    return apply(_conv, params, z, batch_argnums=(1,))
+    return apply(_conv, params, z)
 
 
 def conv2d_s(params, z):
@@ -257,7 +273,7 @@ def conv2d_s(params, z):
         even kernel, or a non-floating ``z``.
     """
     params, z = _arguments("conv2d_s", params, z, 2, single=True)
-    return apply(_conv_s, params, z, batch_argnums=(1,))
+    return apply(_conv_s, params, z)
 
 
 def conv2d(params, z):
@@ -289,14 +305,15 @@ def conv2d(params, z):
         even kernel, a channel mismatch between ``w`` and ``z``, or a non-floating ``z``.
     """
     params, z = _arguments("conv2d", params, z, 2, single=False)
-    return apply(_conv, params, z, batch_argnums=(1,))
+    return apply(_conv, params, z)
 
 
 # --- declarations ------------------------------------------------------------------------
 def _declare(fn, core, examples, shapes, backward, layer=None):
     declare(fn, core=core, num_arrays=2, reference=getattr(reference, fn.__name__),
             examples=examples, family="convolution", section=fn.__name__.replace("_", "-"),
-            shapes=shapes, backward=backward, layer=layer)
+            shapes=shapes, backward=backward, tangent="`Q ż + Q̇ z + ḃ` (two correlations)",
+            layer=layer)
 
 
 _declare(conv1d_s, _conv_s,

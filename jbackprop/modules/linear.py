@@ -6,18 +6,21 @@ the batch once, so its weight gradient is one matrix multiply (see ``wiring``).
 """
 from __future__ import annotations
 
+import functools
+
 import jax
 
 from jbackprop import reference
 from jbackprop.modules import arguments
 from jbackprop.modules.registry import declare, normal
+from jbackprop.modules.rules import custom_rules
 from jbackprop.modules.wiring import apply, sum_over_batch
 
 # The public modules, re-exported by jbackprop.
 __all__ = ["mm"]
 
 
-@jax.custom_vjp
+@functools.partial(custom_rules, batch_argnums=(1,))
 def _mm(params, z):
     u = z @ params["W"].T
     return u + params["b"] if "b" in params else u
@@ -42,16 +45,23 @@ def _mm_bwd(res, v):
     return params_bar, z_bar
 
 
-_mm.defvjp(_mm_fwd, _mm_bwd)
+def _mm_jvp(res, params_dot, z_dot):
+    W, z, keys = res
+    u_dot = z_dot @ W.T + z @ params_dot["W"].T       # J_MM(z) ż + J_MM(W) Ẇ = W ż + Ẇ z
+    return u_dot + params_dot["b"] if "b" in keys else u_dot   # + ḃ
+
+
+_mm.defrules(_mm_fwd, _mm_bwd, _mm_jvp)
 
 
 def mm(params, z):
-    r"""Matrix multiplication ``MM_{W,b}(z) = W z + b`` with a hand-written backward.
+    r"""Matrix multiplication ``MM_{W,b}(z) = W z + b`` with a hand-written backward and JVP.
 
     .. math::
-        B[MM, z](v) = W^\top v, \quad B[MM, W](v) = v z^\top, \quad B[MM, b](v) = v.
+        B[MM, z](v) = W^\top v, \quad B[MM, W](v) = v z^\top, \quad B[MM, b](v) = v;
+        \qquad \dot u = W \dot z + \dot W z + \dot b.
 
-    Residuals saved by the forward: ``W`` and ``z`` (nothing new is allocated). The backward
+    Residuals saved by the forward (for both rules): ``W`` and ``z`` (nothing new is allocated). The backward
     computes ``B[MM, W]`` before ``B[MM, z]`` (an ``optimization_barrier`` fixes the order), so
     that ``z`` can be freed before ``B[MM, z]`` is allocated.
 
@@ -67,7 +77,7 @@ def mm(params, z):
       TypeError / ValueError: ``params`` keys or ranks are wrong, or ``W`` and ``z`` disagree.
     """
     params, z = _mm_arguments(params, z)
-    return apply(_mm, params, z, batch_argnums=(1,))
+    return apply(_mm, params, z)
 
 
 def _mm_arguments(params, z):
@@ -87,7 +97,7 @@ def _mm_arguments(params, z):
 
 declare(mm, core=_mm, num_arrays=2, reference=reference.mm, family="linear", section="mm",
         shapes="`{\"W\": (n, m), \"b\": (n,)}` (`b` optional), `z (m,)` → `(n,)`",
-        backward="`Wᵀv`, `v zᵀ`, `v`", layer="Dense",
+        backward="`Wᵀv`, `v zᵀ`, `v`", tangent="`W ż + Ẇ z + ḃ`", layer="Dense",
         examples=lambda rng: [({"W": normal(rng, 6, 5), "b": normal(rng, 6)}, normal(rng, 5)),
                               ({"W": normal(rng, 17, 16), "b": normal(rng, 17)}, normal(rng, 16)),
                               ({"W": normal(rng, 3, 4)}, normal(rng, 4))])

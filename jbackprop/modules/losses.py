@@ -16,6 +16,8 @@ Integer labels are not differentiable: their cotangent is ``None`` (a zero cotan
 """
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -24,6 +26,7 @@ from jbackprop import reference
 from jbackprop._compat import Tracer
 from jbackprop.modules import arguments
 from jbackprop.modules.registry import declare, normal
+from jbackprop.modules.rules import custom_rules
 from jbackprop.modules.wiring import apply
 
 # The public modules, re-exported by jbackprop.
@@ -41,7 +44,7 @@ def _same_shape(t, y, name, what="t"):
 
 
 # --- squared error: ℓ = ½‖t − y‖² over the last axis (or ½(t − y)² for a scalar t) ----------
-@jax.custom_vjp
+@custom_rules      # (a scalar t is summed over no axis: a leading batch axis is not a batch)
 def _mse(t, y):
     d = t - y
     sq = 0.5 * jnp.square(d.astype(_compute_dtype(d.dtype)))
@@ -57,7 +60,13 @@ def _mse_bwd(d, v):
     return t_bar, -t_bar                                             # −(t − y) v for y
 
 
-_mse.defvjp(_mse_fwd, _mse_bwd)
+def _mse_jvp(d, t_dot, y_dot):
+    dc = d.astype(_compute_dtype(d.dtype))            # ℓ̇ = ⟨t − y, ṫ − ẏ⟩ (over the last axis)
+    prod = dc * (t_dot - y_dot)
+    return (prod.sum(axis=-1) if d.ndim else prod).astype(d.dtype)
+
+
+_mse.defrules(_mse_fwd, _mse_bwd, _mse_jvp)
 
 
 def mse_loss(t, y):
@@ -85,7 +94,7 @@ def mse_loss(t, y):
 declare(mse_loss, core=_mse, num_arrays=2, reference=reference.mse_loss,
         examples=lambda rng: [(normal(rng, m), normal(rng, m)) for m in (5, 16)],
         family="losses", section="squared-error", shapes="`½‖t − y‖²`, `t, y (k,)`",
-        backward="`(t − y) v`; `−(t − y) v` for `y`")
+        backward="`(t − y) v`; `−(t − y) v` for `y`", tangent="`⟨t − y, ṫ − ẏ⟩`")
 
 
 # --- logistic: ℓ = log(1 + e^t) − y t = max(t, 0) − y t + log1p(e^{−|t|}) ---------------------
@@ -99,7 +108,7 @@ def _is_float(y):
     return jnp.issubdtype(y.dtype, jnp.floating)
 
 
-@jax.custom_vjp
+@functools.partial(custom_rules, batch_argnums=(0, 1))   # any leading axes: a batch
 def _logistic(t, y):
     yf, ok = _label_float(y, t.dtype)
     loss = (jnp.maximum(t, 0) - yf * t) + jnp.log1p(jnp.exp(-jnp.abs(t)))
@@ -120,7 +129,15 @@ def _logistic_bwd(res, v):
     return t_bar, y_bar
 
 
-_logistic.defvjp(_logistic_fwd, _logistic_bwd)
+def _logistic_jvp(res, t_dot, y_dot):
+    t, y = res
+    yf, ok = _label_float(y, t.dtype)
+    d = (1 - yf) * jax.lax.logistic(t) - yf * jax.lax.logistic(-t)   # σ(t) − y, as in the bwd
+    loss_dot = d * t_dot - (t * y_dot if _is_float(y) else 0)      # (σ(t) − y) ṫ − t ẏ
+    return jnp.where(ok, loss_dot, jnp.nan).astype(t.dtype)
+
+
+_logistic.defrules(_logistic_fwd, _logistic_bwd, _logistic_jvp)
 
 
 def logistic_loss(t, y):
@@ -162,7 +179,8 @@ declare(logistic_loss, core=_logistic, num_arrays=2, reference=reference.logisti
         examples=lambda rng: [(normal(rng), np.float64(0.0)), (normal(rng, 4), np.ones(4))],
         nondiff=(1,), family="losses", section="logistic-loss",
         shapes="logit `t`, label `y ∈ {0, 1}` (or soft, in [0, 1]) of `t`'s shape",
-        backward="`(sigmoid(t) − y) v`; `−t v` for a float `y`")
+        backward="`(sigmoid(t) − y) v`; `−t v` for a float `y`",
+        tangent="`(sigmoid(t) − y) ṫ − t ẏ`")
 
 
 # --- cross-entropy: ℓ = logsumexp(t) − t_y, computed on s = t − max(t) -----------------------
@@ -182,7 +200,7 @@ def _valid(y, k):
     return (y >= 0) & (y < k)
 
 
-@jax.custom_vjp
+@functools.partial(custom_rules, batch_argnums=(0, 1))   # any leading axes: a batch
 def _cross_entropy(t, y):
     k = t.shape[-1]
     s, _, total = _shifted(t)
@@ -207,7 +225,16 @@ def _cross_entropy_bwd(res, v):
     return t_bar.astype(p.dtype), None                                 # None: integer label
 
 
-_cross_entropy.defvjp(_cross_entropy_fwd, _cross_entropy_bwd)
+def _cross_entropy_jvp(res, t_dot, y_dot):
+    p, y = res
+    k = p.shape[-1]
+    tc = t_dot.astype(_compute_dtype(p.dtype))
+    t_y = jnp.take_along_axis(tc, jnp.clip(y, 0, k - 1)[..., None], axis=-1)[..., 0]
+    loss_dot = jnp.sum(p.astype(tc.dtype) * tc, axis=-1) - t_y     # ⟨φ − e_y, ṫ⟩
+    return jnp.where(_valid(y, k), loss_dot, jnp.nan).astype(p.dtype)
+
+
+_cross_entropy.defrules(_cross_entropy_fwd, _cross_entropy_bwd, _cross_entropy_jvp)
 
 
 def cross_entropy_loss(t, y):
@@ -246,4 +273,5 @@ declare(cross_entropy_loss, core=_cross_entropy, num_arrays=2,
         reference=reference.cross_entropy_loss,
         examples=lambda rng: [(normal(rng, k), np.int32(k // 2)) for k in (5, 16)],
         family="losses", section="cross-entropy-loss",
-        shapes="logits `(k,)`, integer `y` in `0..k−1`", backward="`(softmax(t) − e_y) v`")
+        shapes="logits `(k,)`, integer `y` in `0..k−1`", backward="`(softmax(t) − e_y) v`",
+        tangent="`⟨softmax(t) − e_y, ṫ⟩`")

@@ -18,60 +18,91 @@ from jax import tree_util
 
 from jbackprop import reference
 from jbackprop.modules import arguments, combinators as cb
-from jbackprop.modules.activations import backward_from_output, relu
+from jbackprop.modules.activations import derivative_from_output, relu
 from jbackprop.modules.linear import mm
 from jbackprop.modules.registry import declare, normal, reference_of
+from jbackprop.modules.rules import custom_rules
 from jbackprop.modules.wiring import apply
 
 # The public modules, re-exported by jbackprop.
 __all__ = ["residual", "mlp_init", "mlp", "resnet_s_init", "resnet_s", "conv_net"]
 
 
-def _vjp_of(activation: Callable) -> Callable:
-    """``z -> (σ(z), pullback)`` from a jbackprop activation (or a ``functools.partial`` of one)."""
+def _linearize_of(activation: Callable) -> Callable:
+    """``z -> (σ(z), Linearized)`` from a jbackprop activation (or a ``functools.partial`` of one)."""
     kw = {}
     if isinstance(activation, functools.partial):
         activation, kw = activation.func, dict(activation.keywords)
-    if not hasattr(activation, "vjp"):
-        raise TypeError(f"activation must be a jbackprop module with a hand-written backward "
+    if not hasattr(activation, "linearize"):
+        raise TypeError(f"activation must be a jbackprop module with hand-written rules "
                         f"(jb.relu, jb.gelu, functools.partial(jb.leaky_relu, gamma=0.1), …), "
                         f"got {activation!r}")
-    return lambda z: activation.vjp(z, **kw)
+    return lambda z: activation.linearize(z, **kw)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnames=("activation",))
+@tree_util.register_pytree_node_class
+class _FromOutput:
+    """σ's two rules read from its output ``u`` (kept by MM2 anyway): ``σ'(z) ⊙ x``."""
+
+    def __init__(self, derivative, u):
+        self.derivative, self.u = derivative, u
+
+    def tree_flatten(self):
+        return (self.u,), self.derivative
+
+    @classmethod
+    def tree_unflatten(cls, derivative, children):
+        return cls(derivative, *children)
+
+    def pullback(self, v):
+        return (self.derivative(self.u, v),)
+
+    def pushforward(self, z_dot):
+        return self.derivative(self.u, z_dot)
+
+
+@functools.partial(custom_rules, nondiff_argnames=("activation",), batch_argnums=(1,))
 def _residual(params, z, activation):
     return z + activation(mm(params["mm2"], activation(mm(params["mm1"], z))))
 
 
 def _residual_fwd(params, z, activation):
-    sigma = _vjp_of(activation)
-    a1, mm1_back = mm.vjp(params["mm1"], z)           # each pullback holds its own residuals:
-    h1, sigma1_back = sigma(a1)                       # MM1: W1, z;  σ: its mask or input
-    a2, mm2_back = mm.vjp(params["mm2"], h1)          # MM2: W2, h1
-    from_output = backward_from_output(activation)
-    if from_output is not None:                       # σ'(a1) from h1, which MM2 keeps: the
-        sigma1_back = tree_util.Partial(lambda h1, v: (from_output(h1, v),), h1)  # σ keeps none
-    h2, sigma2_back = sigma(a2)
-    return z + h2, (mm1_back, sigma1_back, mm2_back, sigma2_back)
+    sigma = _linearize_of(activation)
+    a1, mm1 = mm.linearize(params["mm1"], z)          # each holds its own residuals:
+    h1, sigma1 = sigma(a1)                            # MM1: W1, z;  σ: its mask or input
+    a2, mm2 = mm.linearize(params["mm2"], h1)         # MM2: W2, h1
+    derivative = derivative_from_output(activation)
+    if derivative is not None:                        # σ'(a1) from h1, which MM2 keeps:
+        sigma1 = _FromOutput(derivative, h1)          # σ keeps none
+    h2, sigma2 = sigma(a2)
+    return z + h2, (mm1, sigma1, mm2, sigma2)
 
 
 def _residual_bwd(activation, res, v):
-    mm1_back, sigma1_back, mm2_back, sigma2_back = res
-    (a2_bar,) = sigma2_back(v)                        # B[σ, a2](v)
-    mm2_bar, h1_bar = mm2_back(a2_bar)                # B[MM2, θ], B[MM2, h1]
-    (a1_bar,) = sigma1_back(h1_bar)                   # B[σ, a1]
-    mm1_bar, z_bar = mm1_back(a1_bar)                 # B[MM1, θ], B[MM1, z]
+    mm1, sigma1, mm2, sigma2 = res
+    (a2_bar,) = sigma2.pullback(v)                    # B[σ, a2](v)
+    mm2_bar, h1_bar = mm2.pullback(a2_bar)            # B[MM2, θ], B[MM2, h1]
+    (a1_bar,) = sigma1.pullback(h1_bar)               # B[σ, a1]
+    mm1_bar, z_bar = mm1.pullback(a1_bar)             # B[MM1, θ], B[MM1, z]
     return {"mm1": mm1_bar, "mm2": mm2_bar}, v + z_bar  # B[Res, z](v) = v + B[inner, z](v)
 
 
-_residual.defvjp(_residual_fwd, _residual_bwd)
+def _residual_jvp(activation, res, params_dot, z_dot):
+    mm1, sigma1, mm2, sigma2 = res                    # the chain rule forwards, part by part:
+    a1_dot = mm1.pushforward(params_dot["mm1"], z_dot)   # W1 ż + Ẇ1 z + ḃ1
+    h1_dot = sigma1.pushforward(a1_dot)                  # σ'(a1) ⊙ ȧ1
+    a2_dot = mm2.pushforward(params_dot["mm2"], h1_dot)  # W2 ḣ1 + Ẇ2 h1 + ḃ2
+    return z_dot + sigma2.pushforward(a2_dot)            # ż + σ'(a2) ⊙ ȧ2
+
+
+_residual.defrules(_residual_fwd, _residual_bwd, _residual_jvp)
 
 
 def residual(params, z, activation=relu):
     """Residual block ``z + σ(MM2(σ(MM1(z))))`` with ``B[Res, z](v) = v + B[inner, z](v)``.
 
-    The backward is the chain of the parts' hand-written backwards (Algorithm 3 in small).
+    The backward is the chain of the parts' hand-written backwards (Algorithm 3 in small);
+    the JVP ``ż + J_inner ż`` is the chain of their hand-written JVPs, input to output.
     Residuals: those of MM1, MM2 and the second σ (``W1, z, W2, h1``, and for ReLU the mask
     ``a2 > 0``). The first σ keeps none when its derivative is a function of its output
     (ReLU, leaky ReLU, sigmoid, tanh): it reads ``h1 = σ(a1)``, which MM2 keeps anyway.
@@ -82,7 +113,7 @@ def residual(params, z, activation=relu):
       activation: a jbackprop activation, static (default ``jb.relu``).
     """
     params, z = _residual_arguments(params, z, activation)
-    return apply(_residual, params, z, batch_argnums=(1,), activation=activation)
+    return apply(_residual, params, z, activation=activation)
 
 
 def _residual_arguments(params, z, activation):
@@ -91,7 +122,7 @@ def _residual_arguments(params, z, activation):
         raise ValueError(f"residual: params must be a dict with keys ['mm1', 'mm2'], got "
                          f"{sorted(params) if isinstance(params, dict) else type(params).__name__}")
     z = arguments.float_array(z, "z", min_ndim=1)
-    _vjp_of(activation)
+    _linearize_of(activation)
     checked = {}
     for name in ("mm1", "mm2"):
         checked[name] = arguments.params_dict(params[name], f"params[{name!r}]", ("W",), ("b",))
@@ -124,7 +155,8 @@ declare(residual, core=_residual, num_arrays=2, reference=_model_reference(refer
                               for m in (5, 16)],
         family="models", section="residual-block",
         shapes="`{\"mm1\": MM, \"mm2\": MM}` square: `z + σ(MM2(σ(MM1(z))))`",
-        backward="`v + B[inner, z](v)`", layer="ResidualBlock", init=_block_init,
+        backward="`v + B[inner, z](v)`", tangent="`ż + J_inner ż` (the parts' JVPs in order)",
+        layer="ResidualBlock", init=_block_init,
         kinks="those of σ (ReLU: where a pre-activation is 0)")
 
 
@@ -220,13 +252,15 @@ declare(mlp, reference=_model_reference(reference.mlp),
                               (_mlp_example(rng, [12, 16, 4]), normal(rng, 12))],
         family="models", section="mlp", uses=(mm.core, relu.core),
         shapes="`[{\"W\", \"b\"}, …]` (`mlp_init`), `x (d,)`; last layer linear",
-        backward="composed: Algorithm 3", kinks="those of σ")
+        backward="composed: Algorithm 3", tangent="composed, input to output",
+        kinks="those of σ")
 declare(resnet_s, reference=_model_reference(reference.resnet_s),
         examples=lambda rng: [(_resnet_s_example(rng, 5, 6, 3, 3), normal(rng, 5)),
                               (_resnet_s_example(rng, 4, 8, 2, 2), normal(rng, 4))],
         family="models", section="resnet-s", uses=(mm.core, residual.core),
         shapes="`{\"proj\", \"blocks\", \"head\"}` (`resnet_s_init`), `x (d,)`",
-        backward="composed; blocks in `lax.scan`", kinks="those of σ")
+        backward="composed; blocks in `lax.scan`", tangent="composed, in `lax.scan`",
+        kinks="those of σ")
 
 
 def conv_net(channels: int = 16, k: int = 3, num_classes: int = 10, conv: str = "1d",

@@ -27,6 +27,7 @@ import jax.numpy as jnp
 from jbackprop import reference
 from jbackprop.modules import arguments
 from jbackprop.modules.registry import declare, normal
+from jbackprop.modules.rules import custom_rules
 from jbackprop.modules.wiring import apply
 
 # The public modules, re-exported by jbackprop.
@@ -42,7 +43,10 @@ def _standardise(z, eps):
 
 
 def _z_bar(g, xhat, r):
-    """B[LN-S, z](g) = (1/σ̂)(g − mean(g) − x̂ · mean(g ⊙ x̂)), row by row; in ``x̂``'s dtype."""
+    """B[LN-S, z](g) = (1/σ̂)(g − mean(g) − x̂ · mean(g ⊙ x̂)), row by row; in ``x̂``'s dtype.
+
+    LN-S's Jacobian ``(1/σ̂)(I − 𝟙𝟙ᵀ/m − x̂x̂ᵀ/m)`` is symmetric, so this is its JVP ``J ż``
+    too (with ``g = ż``)."""
     g, x = g.astype(r.dtype), xhat.astype(r.dtype)
     mean = functools.partial(jnp.mean, axis=-1, keepdims=True)
     return (r * (g - mean(g) - x * mean(g * x))).astype(xhat.dtype)
@@ -67,7 +71,7 @@ def _sum_to(a, ndim):
 
 
 # --- LN-S(z) = x̂ ---------------------------------------------------------------------------
-@functools.partial(jax.custom_vjp, nondiff_argnames=("eps",))
+@functools.partial(custom_rules, nondiff_argnames=("eps",), batch_argnums=(0,))
 def _layer_norm_s(z, eps):
     return _standardise(z, eps)[0]
 
@@ -83,11 +87,16 @@ def _layer_norm_s_bwd(eps, res, v):
     return (_z_bar(v, xhat, r),)
 
 
-_layer_norm_s.defvjp(_layer_norm_s_fwd, _layer_norm_s_bwd)
+def _layer_norm_s_jvp(eps, res, z_dot):
+    xhat, r = res
+    return _z_bar(z_dot, xhat, r)                     # (1/σ̂)(ż − mean ż − x̂ mean(ż ⊙ x̂))
+
+
+_layer_norm_s.defrules(_layer_norm_s_fwd, _layer_norm_s_bwd, _layer_norm_s_jvp)
 
 
 # --- LN(z) = β + γ x̂ -----------------------------------------------------------------------
-@functools.partial(jax.custom_vjp, nondiff_argnames=("eps",))
+@functools.partial(custom_rules, nondiff_argnames=("eps",), batch_argnums=(1,))
 def _layer_norm(params, z, eps):
     return params["beta"] + params["gamma"] * _standardise(z, eps)[0]
 
@@ -110,7 +119,12 @@ def _layer_norm_bwd(eps, res, v):
     return {"beta": beta_bar.astype(gamma.dtype), "gamma": gamma_bar.astype(gamma.dtype)}, z_bar
 
 
-_layer_norm.defvjp(_layer_norm_fwd, _layer_norm_bwd)
+def _layer_norm_jvp(eps, res, params_dot, z_dot):
+    xhat, r, gamma, _ = res                           # β̇ + γ̇ ⊙ x̂ + γ ⊙ J_LN-S ż
+    return params_dot["beta"] + params_dot["gamma"] * xhat + gamma * _z_bar(z_dot, xhat, r)
+
+
+_layer_norm.defrules(_layer_norm_fwd, _layer_norm_bwd, _layer_norm_jvp)
 
 
 # --- public modules --------------------------------------------------------------------------
@@ -152,7 +166,8 @@ def _rows(rng):
 declare(layer_norm_s, core=_layer_norm_s, reference=reference.layer_norm_s,
         examples=lambda rng: [(z,) for z in _rows(rng)], family="normalisation",
         section="ln-s", shapes="over the last axis, any leading axes",
-        backward="`(1/σ̂)(v − mean v − x̂ mean(v⊙x̂))`", layer="LayerNormS")
+        backward="`(1/σ̂)(v − mean v − x̂ mean(v⊙x̂))`",
+        tangent="`(1/σ̂)(ż − mean ż − x̂ mean(ż⊙x̂))`", layer="LayerNormS")
 
 
 def layer_norm(params, z, eps=1e-5):
@@ -182,7 +197,7 @@ def layer_norm(params, z, eps=1e-5):
         not floating, ``eps`` not a number ``≥ 0``.
     """
     params, z, eps = _layer_norm_arguments(params, z, eps)
-    return apply(_layer_norm, params, z, batch_argnums=(1,), eps=eps)
+    return apply(_layer_norm, params, z, eps=eps)
 
 
 def _layer_norm_arguments(params, z, eps):
@@ -209,7 +224,8 @@ declare(layer_norm, core=_layer_norm, num_arrays=2, reference=reference.layer_no
                               for z in _rows(rng)],
         family="normalisation", section="ln",
         shapes="`{\"beta\": () or (m,), \"gamma\": () or (m,)}`, `z (..., m)`",
-        backward="as LN-S with `γ⊙v`; `Σ v⊙x̂`, `Σ v`", layer="LayerNorm", init=_per_feature_init)
+        backward="as LN-S with `γ⊙v`; `Σ v⊙x̂`, `Σ v`", tangent="`β̇ + γ̇ x̂ + γ ⊙ J_LN-S ż`",
+        layer="LayerNorm", init=_per_feature_init)
 
 
 # --- RMSNorm(z) = γ ⊙ z / sqrt(mean(z²) + ε) ---------------------------------------------------
@@ -221,7 +237,7 @@ def _root_mean_square(z, eps):
     return (zc * r).astype(z.dtype), r
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnames=("eps",))
+@functools.partial(custom_rules, nondiff_argnames=("eps",), batch_argnums=(1,))
 def _rms_norm(params, z, eps):
     return params["gamma"] * _root_mean_square(z, eps)[0]
 
@@ -239,7 +255,14 @@ def _rms_norm_bwd(eps, res, v):
     return {"gamma": gamma_bar.astype(gamma.dtype)}, z_bar.astype(xhat.dtype)
 
 
-_rms_norm.defvjp(_rms_norm_fwd, _rms_norm_bwd)
+def _rms_norm_jvp(eps, res, params_dot, z_dot):
+    xhat, r, gamma = res
+    zd, x = z_dot.astype(r.dtype), xhat.astype(r.dtype)       # in ≥ float32
+    xhat_dot = r * (zd - x * jnp.mean(zd * x, axis=-1, keepdims=True))  # r (ż − x̂ mean(ż ⊙ x̂))
+    return params_dot["gamma"] * xhat + gamma * xhat_dot.astype(xhat.dtype)   # γ̇ x̂ + γ x̂̇
+
+
+_rms_norm.defrules(_rms_norm_fwd, _rms_norm_bwd, _rms_norm_jvp)
 
 
 def rms_norm(params, z, eps=1e-6):
@@ -273,7 +296,7 @@ def rms_norm(params, z, eps=1e-6):
         raise ValueError(f"rms_norm: params['gamma'] must have shape () or ({z.shape[-1]},) (one "
                          f"per feature of z, shape {z.shape}), got {p['gamma'].shape}")
     params, z = arguments.promote(p, z)
-    return apply(_rms_norm, params, z, batch_argnums=(1,), eps=eps)
+    return apply(_rms_norm, params, z, eps=eps)
 
 
 declare(rms_norm, core=_rms_norm, num_arrays=2, reference=reference.rms_norm,
@@ -281,5 +304,6 @@ declare(rms_norm, core=_rms_norm, num_arrays=2, reference=reference.rms_norm,
                               for z in _rows(rng)],
         family="normalisation", section="rmsnorm",
         shapes="`{\"gamma\": () or (m,)}`, `z (..., m)`",
-        backward="`r (g − x̂ mean(g⊙x̂))`, `g = γ⊙v`; `Σ v⊙x̂`", layer="RMSNorm",
+        backward="`r (g − x̂ mean(g⊙x̂))`, `g = γ⊙v`; `Σ v⊙x̂`",
+        tangent="`γ̇ x̂ + γ r (ż − x̂ mean(ż⊙x̂))`", layer="RMSNorm",
         init=lambda key, in_shape, dtype: {"gamma": jnp.ones(in_shape[-1:], dtype)})

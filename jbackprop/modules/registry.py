@@ -38,6 +38,7 @@ class Declaration:
     section: str
     shapes: str
     backward: str
+    tangent: str = ""
     hyper: tuple[dict, ...] = ({},)
     nondiff: tuple[int, ...] = ()
     cores: tuple[Callable, ...] = ()
@@ -60,7 +61,8 @@ _REGISTRY: dict[str, Declaration] = {}
 
 
 def declare(fn: Callable, *, reference: Callable, examples: Callable, family: str, section: str,
-            shapes: str, backward: str, core: Callable | None = None, num_arrays: int = 1,
+            shapes: str, backward: str, tangent: str, core: Callable | None = None,
+            num_arrays: int = 1,
             hyper: Sequence[dict] = ({},), nondiff: Sequence[int] = (),
             uses: Sequence[Callable] = (), kinks: str = "", batch_axes: bool = True,
             layer: str | None = None, init: Callable | None = None) -> Declaration:
@@ -74,13 +76,14 @@ def declare(fn: Callable, *, reference: Callable, examples: Callable, family: st
       examples: ``rng -> [args, ...]``: float64 NumPy arguments at two or more shapes, away from
         kinks; integer leaves are labels.
       family, section: the derivation page ``docs/{family}.md`` and the heading's anchor there.
-      shapes, backward: the API table's "parameters / shapes" and "backward" cells.
-      core: the ``jax.custom_vjp`` core that ``fn`` applies; gives ``fn.vjp`` / ``fn.backward``
-        (a model composed of modules has none).
+      shapes, backward, tangent: the API table's "parameters / shapes", "backward" and "JVP"
+        cells.
+      core: the ``custom_rules`` core that ``fn`` applies; gives ``fn.linearize``, ``fn.vjp``,
+        ``fn.backward`` and ``fn.tangent`` (a model composed of modules has none).
       num_arrays: how many leading arguments are arrays.
       hyper: the hyper-parameter settings to verify (keyword dicts; ``{}`` is the defaults).
       nondiff: argument positions never differentiated (labels, even when float).
-      uses: the cores whose backward ``jax.grad`` must run (default: ``core``).
+      uses: the cores whose rules ``jax.grad`` and ``jax.jvp`` must run (default: ``core``).
       kinks: where the derivative jumps and which value the rule takes there.
       batch_axes: whether extra leading axes of the data are a batch (the tests compare them
         with ``jax.vmap``).
@@ -90,7 +93,8 @@ def declare(fn: Callable, *, reference: Callable, examples: Callable, family: st
     """
     if core is not None:
         wiring.attach(fn, core, num_arrays)
-    decl = Declaration(fn, reference, examples, family, section, shapes, backward, tuple(hyper),
+    decl = Declaration(fn, reference, examples, family, section, shapes, backward, tangent,
+                       tuple(hyper),
                        tuple(nondiff), tuple(uses) or ((core,) if core is not None else ()),
                        kinks, batch_axes, layer, init)
     _REGISTRY[decl.name] = decl
@@ -171,12 +175,12 @@ def _leaves(tree):
 
 def markdown_table() -> str:
     """The API table (one row per module) for the documentation, from the declarations."""
-    rows = ["| call | parameters / shapes | backward (hand-written) | kinks | derivation |",
-            "| --- | --- | --- | --- | --- |"]
+    rows = ["| call | parameters / shapes | backward (hand-written) | JVP (hand-written) | kinks "
+            "| derivation |", "| --- | --- | --- | --- | --- | --- |"]
     for d in declarations():
         hyper = ", ".join(f"{k}" for h in d.hyper for k in h)
         call = f"`jb.{d.name}`" + (f" (verified with {hyper} set)" if hyper else "")
-        rows.append(f"| {call} | {d.shapes} | {d.backward} | {d.kinks or '—'} | "
+        rows.append(f"| {call} | {d.shapes} | {d.backward} | {d.tangent} | {d.kinks or '—'} | "
                     f"[{d.family} § {d.section}](../{d.page}) |")
     return "\n".join(rows)
 

@@ -1,34 +1,27 @@
-"""How a module is wired into JAX: ``custom_vjp`` for the backward, a dispatch for ``vmap``.
+"""How a module is wired into JAX: its core, the casts before it, and the notes' form.
 
-Every module of jbackprop is a ``jax.custom_vjp`` function (the *core*, e.g. ``_mm``) whose
-``_fwd`` saves residuals and whose ``_bwd`` is the hand-written backward B[M, z], B[M, θ]. The
-public function (``mm``) checks its arguments, casts them to their common dtype, and returns
+Every module of jbackprop has a *core* (e.g. ``_mm``), a ``custom_rules`` function
+(``jbackprop.modules.rules``) whose ``fwd`` saves residuals, whose ``bwd`` is the hand-written
+backward B[M, z], B[M, θ] and whose ``jvp`` is the hand-written tangent map J_M ż. The public
+function (``mm``) checks its arguments, casts them to their common dtype, and returns
 ``apply(core, *arrays, **hyper)``: a reader follows ``mm`` to ``_mm`` in one line.
 
 Why the cast comes first. The casts are ordinary JAX operations *outside* the core, so
 ``jax.grad`` transposes them: a float32 ``W`` used with a float64 ``z`` gets a float32 ``W_bar``,
 exactly as ``jax.grad`` of the plain ``jnp`` code returns. Inside, the core sees one dtype.
 
-Batching design. A per-example MM whose backward is ``v zᵀ`` becomes, under ``jax.vmap``, a
-batch of outer products that JAX then sums over the batch: a broadcast multiply and a reduction
-instead of one matrix multiply. For modules with weights ``apply`` therefore binds a small
-primitive, ``jbackprop_call``, around the core:
+Batching. A per-example MM whose backward is ``v zᵀ`` becomes, under ``jax.vmap``, a batch of
+outer products that JAX then sums: a broadcast multiply and a reduction instead of one matrix
+multiply. A core declared with ``batch_argnums`` is therefore called once on the whole batch
+(the batch as leading axes; its rules contract over them), so the weight gradient is one
+``dot_general``, exactly as autodiff would do; ``jax.vmap(jax.grad(f))`` (per-example
+gradients) differentiates one example first and batches afterwards (``docs/batching.md``).
 
-* evaluated or compiled, it simply runs the core (a ``custom_vjp``);
-* under ``jax.vmap`` (its batching rule) it calls the *same* core once on the whole batch,
-  with the batch as a leading axis; the core's backward contracts over leading axes, so the
-  weight gradient is one matrix multiply (``dot_general``), exactly as autodiff would do;
-* under ``jax.grad`` / ``jax.vjp`` (its JVP rule) it differentiates the core, that is, it runs
-  the hand-written ``_fwd`` and ``_bwd``. So ``jax.vmap(jax.grad(f))`` (per-example gradients)
-  differentiates one example first and batches afterwards, and stays correct.
-
-``jax.custom_batching.custom_vmap`` almost does this, but its JVP rule binds primal and tangent
-together, which ``jax.grad`` cannot linearise ("Linearization failed to produce known values").
-
-The notes' form. ``M.vjp(*args)`` runs the public function once with the core's forward rule in
-place of the core (``apply`` sees a recorder and calls ``_fwd`` instead), so the same argument
-checks and casts apply, and returns the output and the hand-written ``_bwd`` on the saved
-residuals. ``M.backward(*args, v)`` is its pullback applied to ``v``.
+The notes' form. ``M.linearize(*args)`` runs the public function once with the core's forward
+rule in place of the core (``apply`` sees a recorder and calls ``fwd`` instead), so the same
+argument checks and casts apply, and returns the output and a ``Linearized``: the residuals
+with the two hand-written rules. ``M.backward(*args, v)`` and ``M.tangent(*args, *dots)`` apply
+them.
 """
 from __future__ import annotations
 
@@ -40,112 +33,64 @@ import jax
 import jax.numpy as jnp
 from jax import tree_util
 
-from jbackprop._compat import (Primitive, ad, batching, custom_vjp_rules, explicit_sharding,
-                               mark_varying, mlir, shaped_array, varying_axes)
-
-_call_p = Primitive("jbackprop_call")
-_call_p.multiple_results = True
-
-
-class _Static:
-    """Hashable bundle of the non-array parameters of one ``jbackprop_call``."""
-
-    def __init__(self, core, static_kwargs, in_tree, batchable):
-        self.core, self.static_kwargs = core, static_kwargs
-        self.in_tree, self.batchable = in_tree, batchable
-
-    def _key(self):
-        return (self.core, self.static_kwargs, self.in_tree, self.batchable)
-
-    def __hash__(self):
-        return hash(self._key())
-
-    def __eq__(self, other):
-        return isinstance(other, _Static) and self._key() == other._key()
-
-    def __repr__(self):
-        return getattr(self.core, "__name__", "module")
-
-    def __call__(self, *flat):
-        args = tree_util.tree_unflatten(self.in_tree, flat)
-        return tree_util.tree_leaves(self.core(*args, **dict(self.static_kwargs)))
-
-
-def _impl(*flat, call: _Static):
-    return call(*flat)
-
-
-def _abstract_eval(*avals, call: _Static):
-    structs = [jax.ShapeDtypeStruct(a.shape, a.dtype, weak_type=a.weak_type) for a in avals]
-    # inside shard_map the core's arrays vary along the same axes (``_same_varying_axes``)
-    return [shaped_array(o, avals[0] if avals else None) for o in jax.eval_shape(call, *structs)]
-
-
-def _jvp(primals, tangents, *, call: _Static):
-    tangents = [ad.instantiate_zeros(t) for t in tangents]
-    return jax.jvp(call, tuple(primals), tuple(tangents))
-
-
-def _batch(args, dims, *, call: _Static):
-    size = next(a.shape[d] for a, d in zip(args, dims) if d is not None)
-    if all(d is None or ok for d, ok in zip(dims, call.batchable)):
-        # Only data arguments are batched: the core takes the batch as a leading axis.
-        lead = [jnp.moveaxis(a, d, 0) if d is not None
-                else jnp.broadcast_to(a, (size, *a.shape)) if ok else a
-                for a, d, ok in zip(args, dims, call.batchable)]
-        outs = _call_p.bind(*lead, call=call)
-    else:  # e.g. vmap over parameters: JAX's own batching of the custom_vjp core
-        outs = jax.vmap(call, in_axes=tuple(dims))(*args)
-    return outs, [0] * len(outs)
-
-
-_call_p.def_impl(_impl)
-_call_p.def_abstract_eval(_abstract_eval)
-ad.primitive_jvps[_call_p] = _jvp
-batching.primitive_batchers[_call_p] = _batch
-mlir.register_lowering(_call_p, mlir.lower_fun(_impl, multiple_results=True))
-
+from jbackprop._compat import explicit_sharding, mark_varying, varying_axes
+from jbackprop.modules.rules import custom_rules
 
 class _Recorder:
-    """Set by ``vjp``: the next ``apply`` runs the core's forward rule and keeps its pullback."""
+    """Set by ``M.linearize``: the next ``apply`` runs the core's forward rule and keeps the
+    residuals (with the core's two rules: a ``Linearized``)."""
 
     def __init__(self):
-        self.armed, self.pullback, self.count = True, None, 0
+        self.armed, self.linearized, self.count = True, None, 0
 
 
 _RECORDERS: list[_Recorder] = []
 
 
-def apply(core: Callable, *arrays: Any, batch_argnums: Sequence[int] = (), **hyper: Any):
-    """Run the ``custom_vjp`` core of a module on its checked arrays.
+@tree_util.register_pytree_node_class
+class Linearized:
+    """A module linearised at a point: the residuals of its forward rule, with the hand-written
+    backward (``pullback(v)``, B[M, ·](v)) and JVP (``pushforward(*dots)``, J_M ż) on them.
+
+    A pytree whose leaves are the residuals, so that a composite module's forward rule can keep
+    it as a residual of its own (the residual block keeps MM's)."""
+
+    def __init__(self, core: custom_rules, hyper_values: tuple, residuals: Any):
+        self.core, self.hyper_values, self.residuals = core, tuple(hyper_values), residuals
+
+    def tree_flatten(self):
+        return (self.residuals,), (self.core, self.hyper_values)
+
+    @classmethod
+    def tree_unflatten(cls, aux, children):
+        return cls(*aux, *children)
+
+    def pullback(self, v) -> tuple:
+        """B[M, ·](v): the cotangents of the array arguments, in order."""
+        return self.core.bwd(*self.hyper_values, self.residuals, v)
+
+    def pushforward(self, *dots):
+        """J_M ż: the output's tangent for one tangent per array argument."""
+        return self.core.jvp(*self.hyper_values, self.residuals, *dots)
+
+
+def apply(core: custom_rules, *arrays: Any, **hyper: Any):
+    """Run the core of a module (a ``custom_rules`` function) on its checked arrays.
 
     Args:
-      core: the module's ``jax.custom_vjp`` function; its non-differentiable arguments
-        (``nondiff_argnames``) are the hyper-parameters and come after the arrays.
+      core: the module's core, with its hand-written ``fwd``, ``bwd`` and ``jvp``; its
+        non-differentiable arguments (``nondiff_argnames``) are the hyper-parameters.
       *arrays: the array arguments (pytrees), already checked and cast to one dtype.
-      batch_argnums: positions of the arrays that accept extra leading batch axes; if given,
-        ``jax.vmap`` of the module runs the core once on the whole batch (module docstring).
       **hyper: the static hyper-parameters.
     """
     arrays = _same_varying_axes(arrays)
-    if _RECORDERS and _RECORDERS[-1].armed:         # inside M.vjp: the forward rule, by hand
+    if _RECORDERS and _RECORDERS[-1].armed:         # inside M.linearize: the forward rule
         rec = _RECORDERS[-1]
         rec.armed, rec.count = False, rec.count + 1
-        fwd, bwd, nondiff, names = custom_vjp_rules(core)
-        out, residuals = fwd(*arrays, **hyper)
-        # custom_vjp passes the non-differentiable (static) arguments to bwd first, in order.
-        rec.pullback = tree_util.Partial(
-            functools.partial(bwd, *[hyper[names[i]] for i in nondiff]), residuals)
+        out, residuals = core.fwd(*arrays, **hyper)
+        rec.linearized = Linearized(core, [hyper[n] for n in core.nondiff_argnames], residuals)
         return out
-    if not batch_argnums:
-        return core(*arrays, **hyper)
-    flat, in_tree = tree_util.tree_flatten(tuple(arrays))
-    batchable = tuple(ok for i, a in enumerate(arrays)
-                      for ok in [i in batch_argnums] * len(tree_util.tree_leaves(a)))
-    call = _Static(core, tuple(sorted(hyper.items())), in_tree, batchable)
-    out_tree = jax.eval_shape(lambda *a: core(*a, **hyper), *arrays)
-    outs = _call_p.bind(*flat, call=call)
-    return tree_util.tree_unflatten(tree_util.tree_structure(out_tree), outs)
+    return core(*arrays, **hyper)
 
 
 def _same_varying_axes(arrays):
@@ -193,19 +138,26 @@ def _shape_text(tree) -> str:
     return str(jax.tree.map(lambda a: f"{jnp.shape(a)} {jnp.result_type(a)}", tree))
 
 
-def _pullback(name: str, out, primal_dtypes, bwd, v):
-    """The hand-written ``bwd`` on a checked ``v``; cotangents cast to their primals' dtypes.
+def _check_like(name: str, given_name: str, what: str, given, of: str, like) -> None:
+    """``given`` (``what``) must have the tree and shapes of ``like`` (``of``), and floating
+    leaves."""
+    if jax.tree.structure(given) != jax.tree.structure(like) or any(
+            jnp.shape(a) != jnp.shape(b) for a, b in zip(jax.tree.leaves(given), jax.tree.leaves(like))):
+        raise ValueError(f"{name}: {what} must have the shape of {of}, {_shape_text(like)}; "
+                         f"got {given_name} {_shape_text(given)}")
+    for a in jax.tree.leaves(given):
+        if not jnp.issubdtype(jnp.result_type(a), jnp.floating):
+            raise TypeError(f"{name}: {given_name} must be floating-point, got dtype "
+                            f"{jnp.result_type(a)}")
+
+
+def _pullback(name: str, out, primal_dtypes, lin: Linearized, v):
+    """The hand-written backward on a checked ``v``; cotangents cast to their primals' dtypes.
 
     ``out`` holds the output's shapes and dtypes (``jax.ShapeDtypeStruct``); ``primal_dtypes``
     the array arguments' dtypes, ``None`` for integer labels (whose cotangent is ``None``)."""
-    if jax.tree.structure(v) != jax.tree.structure(out) or any(
-            jnp.shape(a) != b.shape for a, b in zip(jax.tree.leaves(v), jax.tree.leaves(out))):
-        raise ValueError(f"{name}: v (the upstream gradient) must have the shape of the module's "
-                         f"output, {_shape_text(out)}; got v {_shape_text(v)}")
-    for a in jax.tree.leaves(v):
-        if not jnp.issubdtype(jnp.result_type(a), jnp.floating):
-            raise TypeError(f"{name}: v must be floating-point, got dtype {jnp.result_type(a)}")
-    cts = bwd(jax.tree.map(lambda a, b: jnp.asarray(a, b.dtype), v, out))
+    _check_like(name, "v", "v (the upstream gradient)", v, "the module's output", out)
+    cts = lin.pullback(jax.tree.map(lambda a, b: jnp.asarray(a, b.dtype), v, out))
     return tuple(None if c is None else jax.tree.map(
         lambda c, d: c if c is None or d is None else jnp.asarray(c, d), c, d,
         is_leaf=lambda x: x is None) for c, d in zip(cts, primal_dtypes))
@@ -216,22 +168,25 @@ def _dtype_or_none(x):
     return dtype if jnp.issubdtype(dtype, jnp.inexact) else None
 
 
-def attach(fn: Callable, core: Callable, num_arrays: int) -> None:
-    """Give the public module ``fn`` its notes-form ``fn.vjp`` and ``fn.backward`` and ``fn.core``.
+def attach(fn: Callable, core: custom_rules, num_arrays: int) -> None:
+    """Give the public module ``fn`` its notes-form rules and ``fn.core``.
 
-    * ``fn.vjp(*args, **kwargs) -> (out, pullback)``: the forward pass with the residuals of
-      ``_fwd``, and ``pullback(v)``, the hand-written backward (``_bwd``) on them.
+    * ``fn.linearize(*args, **kwargs) -> (out, Linearized)``: the forward pass by the core's
+      forward rule, and the residuals with both hand-written rules on them.
+    * ``fn.vjp(*args, **kwargs) -> (out, pullback)``: ``pullback(v)`` is the hand-written
+      backward on the residuals.
     * ``fn.backward(*arrays, v, **hyper)``: B[M, ·](v) in the notes' form — the array arguments,
       then the upstream ``v`` (positional or keyword), hyper-parameters by keyword. Returns the
       tuple of cotangents of the array arguments (``(params_bar, z_bar)``, or ``(z_bar,)``),
       each in its argument's dtype; ``v`` must have the output's shape (``ValueError``).
+    * ``fn.tangent(*arrays, *dots, **hyper)``: J_M ż in the same form — the array arguments,
+      then one tangent per array argument (of its shape; ``None`` for an integer label),
+      hyper-parameters by keyword. Returns the output's tangent, in the output's dtype.
     """
     signature = inspect.signature(fn)
     array_names = list(signature.parameters)[:num_arrays]
 
-    def vjp(*args, **kwargs):
-        bound = signature.bind(*args, **kwargs)
-        primals = [bound.arguments[n] for n in array_names]
+    def linearize(*args, **kwargs):
         rec = _Recorder()
         _RECORDERS.append(rec)
         try:
@@ -239,15 +194,20 @@ def attach(fn: Callable, core: Callable, num_arrays: int) -> None:
         finally:
             _RECORDERS.pop()
         if rec.count != 1:
-            raise TypeError(f"{fn.__name__}.vjp: the module ran {rec.count} hand-written rules; "
-                            "it must run exactly one")
+            raise TypeError(f"{fn.__name__}.linearize: the module ran {rec.count} hand-written "
+                            "rules; it must run exactly one")
+        return out, rec.linearized
 
+    def vjp(*args, **kwargs):
+        bound = signature.bind(*args, **kwargs)
+        primals = [bound.arguments[n] for n in array_names]
+        out, lin = linearize(*args, **kwargs)
         # A pytree (the residuals are its leaves), so that a composite module's forward rule
-        # can keep it as a residual of its own (the residual block keeps MM's pullbacks).
+        # can keep it as a residual of its own.
         structs = jax.tree.map(lambda o: jax.ShapeDtypeStruct(jnp.shape(o), jnp.result_type(o)), out)
         dtypes = [jax.tree.map(_dtype_or_none, p) for p in primals]
         return out, tree_util.Partial(
-            functools.partial(_pullback, f"{fn.__name__}.backward", structs, dtypes), rec.pullback)
+            functools.partial(_pullback, f"{fn.__name__}.backward", structs, dtypes), lin)
 
     def backward(*args, **kwargs):
         if "v" in kwargs:
@@ -258,17 +218,49 @@ def attach(fn: Callable, core: Callable, num_arrays: int) -> None:
             raise TypeError(f"{fn.__name__}.backward needs the upstream gradient v")
         return vjp(*args, **kwargs)[1](v)
 
-    fn.vjp, fn.backward, fn.core = vjp, backward, core
+    def tangent(*args, **kwargs):
+        name = f"{fn.__name__}.tangent"
+        if len(args) != 2 * num_arrays:
+            raise TypeError(f"{name} takes the {num_arrays} array argument(s) "
+                            f"{', '.join(array_names)} and then one tangent for each "
+                            f"({2 * num_arrays} positional arguments), got {len(args)}")
+        primals, dots = args[:num_arrays], args[num_arrays:]
+        out, lin = linearize(*primals, **kwargs)
+        checked = []
+        for n, p, d in zip(array_names, primals, dots):
+            if _dtype_or_none(jax.tree.leaves(p)[0]) is None:   # an integer label: no tangent
+                checked.append(None)
+                continue
+            _check_like(name, f"{n}_dot", f"{n}_dot (the tangent of {n})", d, n, p)
+            checked.append(jax.tree.map(lambda d, p: jnp.asarray(d, jnp.result_type(p)), d, p))
+        dtype = jax.tree.map(jnp.result_type, out)
+        return jax.tree.map(lambda t, d: jnp.asarray(t, d), lin.pushforward(*checked), dtype)
+
+    fn.linearize, fn.vjp, fn.backward, fn.tangent, fn.core = linearize, vjp, backward, tangent, core
+
+
+def _module_attribute(m: Callable, attribute: str, what: str) -> Callable:
+    try:
+        return getattr(m, attribute)
+    except AttributeError:
+        raise TypeError(f"{attribute}: {m!r} is not a jbackprop module (it has no hand-written "
+                        f"{what}); pass one of jb.mm, jb.relu, ...") from None
 
 
 def backward(m: Callable) -> Callable:
     """The hand-written backward of module ``m`` in the notes' form.
 
     ``jb.backward(jb.mm)(params, z, v)`` returns ``(B[MM, θ](v), B[MM, z](v))``, the cotangents
-    of the array arguments in order, computed by the module's ``_bwd`` without any autodiff.
+    of the array arguments in order, computed by the module's ``bwd`` without any autodiff.
     """
-    try:
-        return m.backward
-    except AttributeError:
-        raise TypeError(f"backward: {m!r} is not a jbackprop module (it has no hand-written "
-                        "backward); pass one of jb.mm, jb.relu, ...") from None
+    return _module_attribute(m, "backward", "backward")
+
+
+def tangent(m: Callable) -> Callable:
+    """The hand-written JVP of module ``m`` in the notes' form, the twin of ``backward``.
+
+    ``jb.tangent(jb.mm)(params, z, params_dot, z_dot)`` returns ``J_MM ż = W ż + Ẇ z + ḃ``,
+    computed by the module's ``jvp`` without any autodiff (a tangent per array argument, of its
+    shape; ``None`` for an integer label).
+    """
+    return _module_attribute(m, "tangent", "JVP")
