@@ -22,6 +22,8 @@ only this file changes.
   on a JAX without them, no axes and the identity.
 * ``explicit_sharding``: the sharding of a value typed on a mesh with ``AxisType.Explicit``
   axes (``None`` otherwise), passed as ``out_sharding`` to a contraction over sharded axes.
+* ``weakly_typed``: a value made weakly typed (the cotangent and tangent of a Python scalar
+  are weakly typed, as JAX's own; ``jax.lax`` has no public way to say so).
 * ``enable_x64``: the context manager that turns on float64 (``jax.enable_x64`` from JAX 0.8,
   ``jax.experimental.enable_x64`` before).
 """
@@ -35,7 +37,7 @@ from jax.interpreters import ad, batching, mlir
 OLDEST_TESTED_JAX = "0.7.0"
 
 __all__ = ["Primitive", "ad", "batching", "mlir", "Tracer", "shaped_array", "custom_vjp_rules",
-           "set_custom_vjp_rules", "OLDEST_TESTED_JAX", "enable_x64", "varying_axes", "mark_varying",
+           "set_custom_vjp_rules", "OLDEST_TESTED_JAX", "weakly_typed", "enable_x64", "varying_axes", "mark_varying",
            "explicit_sharding"]
 
 
@@ -66,6 +68,12 @@ def set_custom_vjp_rules(core, fwd, bwd) -> None:
     ``defvjp(fwd, bwd)`` stores, without any wrapping), so that restoring a saved pair gives
     back the identical rules."""
     core.fwd, core.bwd = fwd, bwd
+
+
+def weakly_typed(x):
+    """``x`` as a weakly typed value of its dtype."""
+    from jax._src.lax.lax import _convert_element_type
+    return _convert_element_type(x, x.dtype, weak_type=True)
 
 
 def enable_x64(on: bool = True):

@@ -36,7 +36,8 @@ def _check(args: argparse.Namespace) -> int:
     for r in failed:
         print("\n".join(r.failures()))
     print(f"\n{len(reports) - len(failed)} passed, {len(failed)} failed "
-          f"({len({r.name for r in reports})} module and model cases × dtypes "
+          f"({len({r.name for r in reports if r.mode == 'VJP'})} module and model cases × "
+          f"both modes (VJP, JVP) × dtypes "
           f"{', '.join(dtypes)}; {time.perf_counter() - start:.0f} s)")
     if args.json:
         with open(args.json, "w") as f:

@@ -1,10 +1,10 @@
-"""pytest helpers: ``assert_vjp_correct`` fails with a message that names the leaf, the worst
-index, both values and the tolerance."""
+"""pytest helpers: ``assert_vjp_correct`` and ``assert_jvp_correct`` fail with a message that
+names the leaf, the worst index, both values and the tolerance."""
 from __future__ import annotations
 
 from typing import Any, Callable
 
-from jbackprop.check import verify_vjp
+from jbackprop.check import verify_jvp, verify_vjp
 from jbackprop.check.report import Report
 
 
@@ -32,5 +32,25 @@ def assert_vjp_correct(fn: Callable, *args: Any, reference: Callable | None = No
     report = verify_vjp(fn, *args, reference=reference, **options)
     if not report.passed:
         raise AssertionError("hand-written VJP is wrong:\n" + "\n".join(report.failures())
+                             + "\n\n" + str(report))
+    return report
+
+
+def assert_jvp_correct(fn: Callable, *args: Any, reference: Callable | None = None,
+                       **options: Any) -> Report:
+    """Assert that ``fn``'s hand-written JVP passes ``jbackprop.check.verify_jvp`` (against the
+    reference and finite differences, and against the hand-written VJP by the adjoint identity).
+
+    Args:
+      fn, *args, reference, **options: as for ``verify_jvp`` (``tangent=``, ``argnums=``,
+        ``rtol=``, ``checks=``, ``seed=``).
+
+    Raises:
+      AssertionError: listing every failed part, then the table.
+    """
+    __tracebackhide__ = True
+    report = verify_jvp(fn, *args, reference=reference, **options)
+    if not report.passed:
+        raise AssertionError("hand-written JVP is wrong:\n" + "\n".join(report.failures())
                              + "\n\n" + str(report))
     return report

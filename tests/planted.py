@@ -248,7 +248,7 @@ tanh_python_if.defvjp(_tanh_fwd, _tanh_python_if_bwd)
 
 
 # --- (j) vmap: a batching-dispatch module whose core backward ignores the batch axes ----------
-@jax.custom_vjp
+@functools.partial(jb.custom_rules, batch_argnums=(1,))  # vmap: one call on the whole batch
 def _mm_per_example(params, z):
     return z @ params["W"].T + params["b"]                # batched: U = X Wᵀ + b
 
@@ -264,12 +264,17 @@ def _mm_per_example_bwd(res, v):
     return {"W": jnp.outer(v, z), "b": v.sum(axis=batch)}, v @ W
 
 
-_mm_per_example.defvjp(_mm_per_example_fwd, _mm_per_example_bwd)
+def _mm_per_example_jvp(res, params_dot, z_dot):
+    W, z = res
+    return z_dot @ W.T + z @ params_dot["W"].T + params_dot["b"]   # right: W ż + Ẇ z + ḃ
+
+
+_mm_per_example.defrules(_mm_per_example_fwd, _mm_per_example_bwd, _mm_per_example_jvp)
 
 
 def mm_per_example(params, z):
     """MM whose core is called once on the whole batch under jax.vmap (as jb.mm)."""
-    return apply(_mm_per_example, params, z, batch_argnums=(1,))
+    return apply(_mm_per_example, params, z)
 
 
 # --- (k) reverse-over-reverse: right first derivative, wrong derivative of the backward -------

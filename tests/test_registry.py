@@ -27,7 +27,7 @@ from jbackprop.testing import assert_vjp_correct
 CASES = registry.cases()
 DOCS = pathlib.Path(__file__).resolve().parent.parent / "docs"
 # Public names that are not modules: helpers, initialisers, builders and subpackages.
-NOT_MODULES = {"backward", "check", "testing", "combinators", "reference", "Layer", "serial",
+NOT_MODULES = {"backward", "tangent", "custom_rules", "check", "testing", "combinators", "reference", "Layer", "serial",
                "mlp_init", "resnet_s_init", "conv_net"}
 
 

@@ -24,6 +24,9 @@ activations and residuals the backward keeps: the comparison that matters) and
 the updated parameters, so the step's temporary memory can read as zero). A GEMM probe (a large
 ``a @ b``) gives this machine's matrix-multiply rate, so that step throughput can be read as a
 fraction of it.
+
+The forward-mode section (``bench_forward``, after the configurations) times ``jax.jvp`` and
+Hessian-vector products with the hand-written JVP rules against autodiff of the reference.
 """
 from __future__ import annotations
 
@@ -254,18 +257,26 @@ def targets(result: dict) -> list[dict]:
     for d, s in result.get("compile_vs_depth", {}).items():
         if int(d) >= 1024:
             add(f"ResNet-S compile, depth {d} (s)", s, 2.0)
+    if result.get("forward"):
+        from jbackprop.bench import forward as bench_forward     # (it imports this module)
+        out += bench_forward.targets(result["forward"])
     return out
 
 
 def run(names=None, quick=False, budget_s=4.0, external=True, depths=(8, 1024),
-        progress: Callable[[str], None] = print, repeat: int = 1) -> dict:
-    """Run the suite; returns the result dict (machine, GEMM probe, configs, targets)."""
+        progress: Callable[[str], None] = print, repeat: int = 1, forward: bool = True) -> dict:
+    """Run the suite; returns the result dict (machine, GEMM probe, configs, the forward-mode
+    section when ``forward`` (``bench_forward``: ``jax.jvp`` and Hessian-vector products),
+    targets)."""
     result: dict[str, Any] = {"machine": machine(), "quick": quick}
     result["gemm"] = gemm_probe(256 if quick else 2048, budget_s=min(budget_s, 3.0))
     result["configs"] = []
     for config in bench_models.select(names):
         progress(f"{config.name}: {config.description}")
         result["configs"].append(run_config(config, quick, budget_s, external, repeat))
+    if forward:
+        from jbackprop.bench import forward as bench_forward     # (it imports this module)
+        result["forward"] = bench_forward.run(names, quick, budget_s, progress, repeat)
     if depths:
         progress("ResNet-S compile time against depth")
         result["compile_vs_depth"] = compile_vs_depth(depths, repeats=1 if quick else 3)
@@ -279,7 +290,8 @@ def main(args) -> int:
     depths = () if args.no_compile_depth else ((2, 8) if args.quick else (8, 1024))
     budget = args.budget if args.budget is not None else (0.3 if args.quick else 4.0)
     result = run(args.config, args.quick, budget, not args.no_external, depths,
-                 progress=lambda s: print(s, file=sys.stderr, flush=True), repeat=args.repeat)
+                 progress=lambda s: print(s, file=sys.stderr, flush=True), repeat=args.repeat,
+                 forward=not getattr(args, "no_forward", False))
     print(bench_report.format_table(result))
     with open(args.json, "w") as f:
         json.dump(result, f, indent=1)

@@ -79,6 +79,52 @@ def skipped_lines(result: dict) -> list[str]:
     return out
 
 
+FORWARD_HEAD = ("config", "mode", "manual ms", "autodiff ms", "man/auto", "temp MB m/a",
+                "temp m/a", "rev-rev ms", "man/rev-rev", "temp MB rev-rev", "temp m/rev-rev",
+                "|Δ| rel")
+
+
+def _r(x) -> str:
+    return "—" if x is None else f"{x:.2f}"
+
+
+def forward_rows(result: dict) -> list[tuple]:
+    """One row per forward-mode record (``FORWARD_HEAD``'s columns); the HVP rows add the
+    reverse-over-reverse version."""
+    rows = []
+    for r in result.get("forward", ()):
+        v = r["versions"]
+        m, a, rr = v["manual"], v["autodiff"], v.get("manual, rev-over-rev")
+        runs = r.get("time_ratio_runs", ())
+        spread = f" ({min(runs):.2f}–{max(runs):.2f})" if len(runs) > 1 else ""
+        diff = max(x["rel_diff_vs_autodiff"] for x in v.values())
+        rows.append((r["config"], r["mode"], f"{m['ms']:.2f}", f"{a['ms']:.2f}",
+                     _r(r["time_manual_over_autodiff"]) + spread,
+                     f"{_mb(m['temp_bytes'])}/{_mb(a['temp_bytes'])}",
+                     _r(r["temp_manual_over_autodiff"]),
+                     f"{rr['ms']:.2f}" if rr else "—",
+                     _r(r.get("time_manual_over_rev_over_rev")),
+                     _mb(rr["temp_bytes"]) if rr else "—",
+                     _r(r.get("temp_manual_over_rev_over_rev")), f"{diff:.0e}"))
+    return rows
+
+
+def forward_lines(result: dict) -> list[str]:
+    """The forward-mode section as plain-text lines (empty if the run has none)."""
+    rows = forward_rows(result)
+    if not rows:
+        return []
+    widths = [max(len(str(x)) for x in col) for col in zip(FORWARD_HEAD, *rows)]
+    line = lambda cells: "  ".join(str(c).rjust(w) if i > 1 else str(c).ljust(w)
+                                   for i, (c, w) in enumerate(zip(cells, widths)))
+    return ["", "forward mode: jvp = jax.jvp of the mean loss w.r.t. parameters and inputs; "
+            "hvp = H v of the mean loss w.r.t. the parameters, forward over reverse "
+            "(jax.jvp of jax.grad); manual = jbackprop's JVP rules, autodiff = the same of the "
+            "plain-jnp reference, rev-rev = reverse over reverse (jax.grad of vdot(grad, v)) "
+            "with jbackprop; jit, medians of interleaved runs, temp of each executable",
+            line(FORWARD_HEAD), line(["-" * w for w in widths])] + [line(r) for r in rows]
+
+
 def format_table(result: dict) -> str:
     """The report as a plain-text table: one row per configuration, then the targets."""
     head = ("config", "baseline", "manual ms", "base ms", "man/base", "temp MB m/b",
@@ -126,6 +172,7 @@ def format_table(result: dict) -> str:
     skipped = skipped_lines(result)
     if skipped:
         out.append("no column: " + "; ".join(skipped))
+    out += forward_lines(result)
     if result.get("compile_vs_depth"):
         out.append("\nResNet-S trace+compile of jit(grad): " + ", ".join(
             f"depth {d}: {s:.2f} s" for d, s in result["compile_vs_depth"].items()))
@@ -206,6 +253,20 @@ def format_markdown(result: dict) -> str:
     skipped = skipped_lines(result)
     if skipped:
         out += ["", "Optional columns absent: " + "; ".join(skipped) + "."]
+    rows = forward_rows(result)
+    if rows:
+        out += ["", "Forward mode (`jvp`: `jax.jvp` of the mean loss w.r.t. parameters and "
+                "inputs; `hvp`: Hessian-vector product w.r.t. the parameters, forward over "
+                "reverse; autodiff: the same of the plain-`jnp` reference; rev-over-rev: "
+                "`jax.grad` of `vdot(jax.grad(loss), v)` with jbackprop):", "",
+                "| " + " | ".join(["configuration", "mode", "manual ms", "autodiff ms",
+                                   "manual / autodiff", "temp MiB (manual / autodiff)",
+                                   "temp manual / autodiff", "rev-over-rev ms",
+                                   "manual / rev-over-rev", "rev-over-rev temp MiB",
+                                   "temp manual / rev-over-rev", "max rel. diff"]) + " |",
+                "|" + " --- |" * 12]
+        out += ["| `" + row[0] + "` | " + " | ".join(row[1:]).replace("/", " / ") + " |"
+                for row in rows]
     out += ["", "| target | measured | limit | |", "| --- | --- | --- | --- |"]
     for t in result["targets"]:
         sign = "≥" if "GEMM" in t["target"] else "≤"

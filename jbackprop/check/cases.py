@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 
 from jbackprop.check.engine import verify_vjp
+from jbackprop.check.forward import verify_jvp
 from jbackprop.check.report import Report
 from jbackprop.modules import registry
 
@@ -23,9 +24,10 @@ def cast_case(args, dtype):
 
 
 def _run(index: int, dtypes: tuple[str, ...]) -> list[Report]:
+    """Both modes of one case: ``verify_vjp`` and ``verify_jvp`` in each dtype."""
     case = library_cases()[index]
-    return [verify_vjp(case.fn, *cast_case(case.args, d), reference=case.reference, name=case.name,
-                       **case.options) for d in dtypes]
+    return [verify(case.fn, *cast_case(case.args, d), reference=case.reference, name=case.name,
+                   **case.options) for d in dtypes for verify in (verify_vjp, verify_jvp)]
 
 
 def _worker_init():
@@ -34,7 +36,8 @@ def _worker_init():
 
 def library_reports(module: str | None = None, dtypes=("float32", "float64"),
                     jobs: int = 1) -> list[Report]:
-    """``verify_vjp`` of every case (or those whose name contains ``module``) in ``dtypes``,
+    """``verify_vjp`` and ``verify_jvp`` of every case (or those whose name contains
+    ``module``) in ``dtypes``,
     over ``jobs`` processes (JAX compiles on one core; the cases are independent)."""
     picked = [i for i, c in enumerate(library_cases()) if not module or module in c.name]
     dtypes = tuple(dtypes)

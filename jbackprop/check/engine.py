@@ -201,13 +201,14 @@ class _Problem:
 
 
 def _rules(fn) -> tuple:
-    """The rules a VJP has now: ``fwd`` and ``bwd`` of a ``custom_vjp`` (or of a module's core).
+    """The rules a function has now: ``fwd``, ``bwd`` (and ``jvp``) of a ``custom_vjp`` or
+    ``custom_rules`` function (or of a module's core).
 
     Part of the compiled pullback's cache key, so that a rule redefined on the same object
     (``f.defvjp(fwd, fixed_bwd)``) is seen at the next call, not the stale compilation."""
     fn = getattr(fn, "func", fn)                          # a functools.partial
     core = getattr(fn, "core", fn)
-    return getattr(core, "fwd", None), getattr(core, "bwd", None)
+    return getattr(core, "fwd", None), getattr(core, "bwd", None), getattr(core, "jvp", None)
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 4, 5))

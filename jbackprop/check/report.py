@@ -96,6 +96,7 @@ class Report:
     checks: list[Check]
     residual_bytes: int | None = None
     residuals: list[str] = dataclasses.field(default_factory=list)
+    mode: str = "VJP"          # or "JVP" (``jbackprop.check.forward.verify_jvp``)
 
     @property
     def passed(self) -> bool:
@@ -171,7 +172,8 @@ def format_table(reports: Sequence[Report]) -> str:
 
 def summary_table(reports: Sequence[Report]) -> str:
     """One row per check over many reports: how many ran, passed, failed and were skipped, and
-    the worst ``error / tol`` (``jbackprop check`` prints it after the per-leaf table)."""
+    the worst ``error / tol`` (``jbackprop check`` prints it after the per-leaf table); the
+    checks of a JVP report are marked ``(JVP)``."""
     stats: dict[str, list] = {}
 
     def add(key, passed, skipped, ratio):
@@ -179,14 +181,15 @@ def summary_table(reports: Sequence[Report]) -> str:
         row[0 if skipped else (1 if passed else 2)] += 1
         row[3] = max(row[3], ratio)
     for rep in reports:
+        mode = "" if rep.mode == "VJP" else f" ({rep.mode})"
         for leaf in rep.leaves:
             for key in ("autodiff", "finite_differences", "taylor"):
                 part = getattr(leaf, key)
                 if part is not None:
                     ratio = part.error / part.tol if isinstance(part, Comparison) and part.tol else 0.0
-                    add(key, part.passed, False, ratio)
+                    add(key + mode, part.passed, False, ratio)
         for c in rep.checks:
-            add(c.key or c.name, c.passed, c.skipped,
+            add((c.key or c.name) + mode, c.passed, c.skipped,
                 0.0 if c.skipped or c.error == 0 else (c.error / c.tol if c.tol else math.inf))
     header = ("check", "skipped", "passed", "failed", "worst error / tol")
     body = [(k, str(sk), str(ok), str(bad), f"{r:.2g}") for k, (sk, ok, bad, r) in stats.items()]

@@ -45,7 +45,7 @@ import jax
 import jax.numpy as jnp
 from jax import tree_util
 
-from jbackprop._compat import Primitive, ad, batching, mlir, shaped_array
+from jbackprop._compat import Primitive, ad, batching, mlir, shaped_array, weakly_typed
 
 __all__ = ["custom_rules"]
 
@@ -181,7 +181,8 @@ def _call_jvp(primals, tangents, *, call: _Static):
     out, residuals = rules.fwd(*call.arrays(primals), **dict(call.hyper))
     out_leaves, out_tree = tree_util.tree_flatten(out)
     res_leaves, res_tree = tree_util.tree_flatten(residuals)
-    outs = tuple((o.shape, o.dtype) for o in map(jnp.asarray, out_leaves))
+    outs = tuple((o.shape, o.dtype, o.aval.weak_type if hasattr(o, "aval") else False)
+                 for o in map(jnp.asarray, out_leaves))
     lin = _Linear(call, res_tree, out_tree, outs, ())
     tangents = [ad.instantiate_zeros(t) for t in tangents]
     return out_leaves, _lin_p.bind(*res_leaves, *tangents, lin=lin)
@@ -238,7 +239,7 @@ class _Linear(_Hashable):
     def shapes(self):
         """The output's (shape, dtype)s with every batch level."""
         sizes = tuple(size for _, _, size in reversed(self.levels))
-        return [((*sizes, *s), d) for s, d in self.outs]
+        return [((*sizes, *s), d, weak) for s, d, weak in self.outs]
 
     def tangent(self, res, dots):
         """``J ż``: the hand-written JVP, vmapped once per level."""
@@ -248,7 +249,8 @@ class _Linear(_Hashable):
         call = self.call
         out_dot = call.rules.jvp(*call.hyper_values(), self.res_tree.unflatten(res),
                                  *call.arrays(dots))
-        return _checked(call.rules, "jvp", "output", tree_util.tree_leaves(out_dot), self.outs)
+        leaves = _checked(call.rules, "jvp", "output", tree_util.tree_leaves(out_dot), self.outs)
+        return [weakly_typed(t) if weak else t for t, (_, _, weak) in zip(leaves, self.outs)]
 
     def cotangent(self, res, v):
         """``Jᵀ v``: the hand-written backward, vmapped once per level (the cotangent of an
@@ -276,11 +278,12 @@ def _flat_cotangents(call: _Static, bars) -> list:
 
 
 def _checked(rules, rule, what, leaves, expected):
+    """``leaves`` must have the ``expected`` ``(shape, dtype, …)``s (weak types aside)."""
     if len(leaves) != len(expected) or any(
-            jnp.shape(x) != s or jnp.result_type(x) != d for x, (s, d) in zip(leaves, expected)):
+            jnp.shape(x) != e[0] or jnp.result_type(x) != e[1] for x, e in zip(leaves, expected)):
         got = [(jnp.shape(x), str(jnp.result_type(x))) for x in leaves]
         raise TypeError(f"{rules.__name__}: the hand-written {rule} must return the {what}'s "
-                        f"shapes and dtypes {[(s, str(d)) for s, d in expected]}, got {got}")
+                        f"shapes and dtypes {[(e[0], str(e[1])) for e in expected]}, got {got}")
     return leaves
 
 
@@ -290,7 +293,8 @@ _lin_p.multiple_results = True
 
 def _lin_abstract_eval(*avals, lin: _Linear):
     like = avals[0] if avals else None
-    return [shaped_array(jax.ShapeDtypeStruct(s, d), like) for s, d in lin.shapes()]
+    return [shaped_array(jax.ShapeDtypeStruct(s, d, weak_type=weak), like)
+            for s, d, weak in lin.shapes()]
 
 
 def _lin_transpose(cts, *args, lin: _Linear):
@@ -301,8 +305,9 @@ def _lin_transpose(cts, *args, lin: _Linear):
     pairs = [(b, d) for b, d in zip(bars, dots) if b is not None and ad.is_undefined_primal(d)]
     _checked(lin.call.rules, "backward", "inputs", [b for b, _ in pairs],
              [(d.aval.shape, d.aval.dtype) for _, d in pairs])
-    return [None] * len(res) + [b if ad.is_undefined_primal(d) else None
-                                for b, d in zip(bars, dots)]
+    return [None] * len(res) + [
+        None if b is None or not ad.is_undefined_primal(d)
+        else weakly_typed(b) if d.aval.weak_type else b for b, d in zip(bars, dots)]
 
 
 def _lin_jvp(primals, tangents, *, lin: _Linear):
