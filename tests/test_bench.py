@@ -15,7 +15,8 @@ import jax.numpy as jnp
 import pytest
 
 from jbackprop import cli
-from jbackprop.bench import harness as bench, models as bench_models
+from jbackprop.bench import forward as bench_forward, harness as bench, models as bench_models
+from jbackprop.bench import report as bench_report
 
 
 @pytest.mark.parametrize("config", bench_models.CONFIGS, ids=lambda c: c.name)
@@ -89,9 +90,13 @@ def test_cli_bench_quick_writes_table_json_and_chart(tmp_path, capsys):
     assert "mlp-small: step manual/autodiff" in names
     assert "layernorm-net: temp memory manual/autodiff" in names
     assert set(result["compile_vs_depth"]) == {"2", "8"}
+    assert [(r["config"], r["mode"]) for r in result["forward"]] == \
+        [("mlp-small", "jvp"), ("mlp-small", "hvp"), ("layernorm-net", "jvp")]
+    assert "mlp-small: hvp time manual/autodiff" in names and "forward mode:" in text
     assert png.stat().st_size > 10_000
     table = md.read_text()
     assert "| `layernorm-net`:" in table and "| target | measured | limit |" in table
+    assert "| `mlp-small` | hvp |" in table and "| `layernorm-net` | jvp |" in table
     assert table.count("\n| mlp-small: ") + table.count("\n| layernorm-net: ") == len(names)
 
 
@@ -158,3 +163,46 @@ def test_cli_bench_conv_reports_the_lax_conv_baseline(tmp_path, capsys):
                      "conv2d-pair: temp memory manual/lax.conv"]
     row = next(line for line in md.read_text().splitlines() if line.startswith("| `conv2d-pair`"))
     assert "`jax.grad` of `lax.conv_general_dilated`" in row
+
+
+def test_forward_mode_section_runs_and_is_well_formed():
+    """The forward-mode section (``jax.jvp`` on the layer-norm net, Hessian-vector products on
+    ResNet-S; the MLP's rows are in the CLI test above), tiny sizes: every version is compiled,
+    timed and checked against autodiff of the reference; ratios are positive and finite. (No
+    timing is asserted: only that the records are well formed and the versions agree.)"""
+    import math
+    records = bench_forward.run(["resnet-s", "layernorm-net", "conv2d-pair"],
+                                quick=True, budget_s=0.0, progress=lambda s: None)
+    assert [(r["config"], r["mode"]) for r in records] == \
+        [("resnet-s", "hvp"), ("layernorm-net", "jvp")]        # none for conv2d-pair
+    for r in records:
+        expected = {"manual", "autodiff"} | ({"manual, rev-over-rev"} if r["mode"] == "hvp"
+                                             else set())
+        assert set(r["versions"]) == expected and r["baseline"] == "autodiff"
+        for v in r["versions"].values():
+            assert v["ms"] > 0 and v["compile_s"] > 0 and v["temp_bytes"] is not None
+            assert v["rel_diff_vs_autodiff"] < 1e-4          # the same jvp / the same H v
+        keys = ["time_manual_over_autodiff", "temp_manual_over_autodiff"]
+        if r["mode"] == "hvp":
+            keys += ["time_manual_over_rev_over_rev", "temp_manual_over_rev_over_rev"]
+        for k in keys:
+            assert math.isfinite(r[k]) and r[k] > 0, (r["config"], r["mode"], k, r[k])
+        assert len(r["time_ratio_runs"]) == 1
+    names = [t["target"] for t in bench_forward.targets(records)]
+    assert "layernorm-net: jvp time manual/autodiff" in names
+    assert "resnet-s: hvp temp memory manual/autodiff" in names
+    lines = bench_report.forward_lines({"forward": records})
+    assert len(lines) == 4 + len(records) and lines[-1].startswith("layernorm-net  jvp")
+
+
+def test_hvp_versions_agree_in_float64():
+    """Forward over reverse (jbackprop, and the reference) and reverse over reverse (jbackprop)
+    give the same H v, and the hand-written jvp the reference's: float64, to round-off."""
+    p = bench_models.select(["mlp-small"])[0].build(True)
+    p = p._replace(params=jax.tree.map(lambda a: a.astype(jnp.float64), p.params),
+                   x=p.x.astype(jnp.float64))
+    modes = bench_forward.versions(p)
+    for mode, fns in modes.items():
+        ref = jax.jit(fns["autodiff"][0])(*fns["autodiff"][1])
+        for version, (fn, args) in fns.items():
+            chex.assert_trees_all_close(jax.jit(fn)(*args), ref, rtol=1e-10, atol=1e-12)

@@ -3,7 +3,7 @@
 For every module and model × input configuration (float16, bfloat16, float32, float64; mixed
 parameter/input dtypes; weak-typed Python-float parameters) × transformation (eager, ``jit``,
 ``vmap``, ``grad``, ``vmap(grad)``, ``jit(vmap(grad))``, a ``lax.scan`` of SGD steps, ``grad`` of
-``checkpoint``): the outputs and every cotangent have exactly the shapes, dtypes and weak types
+``checkpoint``, ``jvp``): the outputs and every cotangent have exactly the shapes, dtypes and weak types
 that the same transformation of the pure-jnp reference gives (JAX's promotion), and are finite.
 In float64 the values also equal the reference's. Then the examples that once broke this
 contract, each as a test.
@@ -22,7 +22,7 @@ from jbackprop.check.cases import cast_case
 from jbackprop.modules import registry
 
 TRANSFORMS = ["eager", "jit", "vmap", "grad", "vmap(grad)", "jit(vmap(grad))", "scan",
-              "grad(checkpoint)"]
+              "grad(checkpoint)", "jvp"]
 
 
 def _is_container(a):
@@ -104,6 +104,14 @@ def _transformed(name, fn, args, argnums):
         return lambda: jax.jit(jax.vmap(grad, in_axes))(*stacked)
     if name == "grad(checkpoint)":
         return lambda: jax.grad(_total(jax.checkpoint(fn)), argnums)(*args)
+    if name == "jvp":   # forward mode: the tangent in every differentiated argument at once
+        def of_diff(*diff):
+            full = list(args)
+            for i, d in zip(argnums, diff):
+                full[i] = d
+            return fn(*full)
+        primals = tuple(args[i] for i in argnums)
+        return lambda: jax.jvp(of_diff, primals, jax.tree.map(jnp.ones_like, primals))
     assert name == "scan"
 
     def sgd(carry, _):  # the differentiable arguments are the carry: dtypes must not drift

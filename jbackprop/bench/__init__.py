@@ -7,6 +7,8 @@ plain ``jnp`` otherwise).
 * ``models``: the benchmark configurations, each built from the same per-example code with
   jbackprop and with the references, and the ``lax.conv`` baseline of the convolutional nets;
 * ``external``: the PyTorch, Equinox and Flax columns, when those are installed;
+* ``forward``: the forward-mode section, ``jax.jvp`` and Hessian-vector products with the
+  hand-written JVP rules against autodiff of the reference;
 * ``report``: the table, Markdown and chart.
 """
 from jbackprop.bench.harness import compile_vs_depth, main, run

@@ -30,8 +30,10 @@ import jax.numpy as jnp
 
 from jbackprop.bench import harness as bench_harness, models as bench_models
 
-JVP_KINDS = ("mlp", "ln")           # jax.jvp of the loss: the MLPs and the layer-norm net
-HVP_KINDS = ("mlp", "resnet")       # Hessian-vector products: the MLPs and ResNet-S
+MODES = {"mlp-large": ("jvp", "hvp"),    # the configurations with a forward-mode row, and
+         "mlp-small": ("jvp", "hvp"),    # which: jax.jvp on the MLPs and the layer-norm net,
+         "resnet-s": ("hvp",),           # Hessian-vector products on the MLPs and ResNet-S
+         "layernorm-net": ("jvp",)}
 WHAT = {"jvp": "jax.jvp of the mean loss w.r.t. parameters and inputs",
         "hvp": "Hessian-vector product of the mean loss w.r.t. the parameters"}
 
@@ -75,15 +77,16 @@ def _ratio(a, b):
     return a / b if a is not None and b else None
 
 
-def versions(problem: bench_models.Problem) -> dict[str, dict[str, tuple[Callable, tuple]]]:
-    """``{mode: {version: (function, arguments)}}`` for a configuration, by its kind."""
+def versions(problem: bench_models.Problem, modes=("jvp", "hvp")
+             ) -> dict[str, dict[str, tuple[Callable, tuple]]]:
+    """``{mode: {version: (function, arguments)}}`` of a built configuration, for ``modes``."""
     p, x, y = problem.params, problem.x, problem.y
     manual, autodiff = problem.losses["manual"], problem.losses["autodiff"]
     out: dict[str, dict[str, tuple[Callable, tuple]]] = {}
-    if problem.spec["kind"] in JVP_KINDS:
+    if "jvp" in modes:
         args = (p, x, y, tangent_like(p, 1), tangent_like(x, 2))
         out["jvp"] = {"manual": (jvp_of(manual), args), "autodiff": (jvp_of(autodiff), args)}
-    if problem.spec["kind"] in HVP_KINDS:
+    if "hvp" in modes:
         args = (p, x, y, tangent_like(p, 3))
         out["hvp"] = {"manual": (hvp_fwd_over_rev(manual), args),
                       "manual, rev-over-rev": (hvp_rev_over_rev(manual), args),
@@ -91,12 +94,11 @@ def versions(problem: bench_models.Problem) -> dict[str, dict[str, tuple[Callabl
     return out
 
 
-def run_config(config: bench_models.Config, quick: bool, budget_s: float,
+def run_config(config: bench_models.Config, problem: bench_models.Problem, budget_s: float,
                repeat: int = 1) -> list[dict]:
-    """Compile and time the forward-mode versions of one configuration, interleaved in one set
-    of rounds; one record per mode (none if the configuration's kind has no forward row)."""
-    problem = config.build(quick)
-    modes = versions(problem)
+    """Compile and time the forward-mode versions (``MODES``) of one built configuration,
+    interleaved in one set of rounds; one record per mode."""
+    modes = versions(problem, MODES.get(config.name, ()))
     calls: dict[tuple[str, str], Callable[[], Any]] = {}
     records = {}
     for mode, fns in modes.items():
@@ -133,20 +135,15 @@ def run_config(config: bench_models.Config, quick: bool, budget_s: float,
     return list(records.values())
 
 
-def selected(names=None) -> list[bench_models.Config]:
-    """The configurations of ``names`` (all if empty) that have a forward-mode row."""
-    kinds = set(JVP_KINDS) | set(HVP_KINDS)
-    return [c for c in bench_models.select(names)
-            if c.build(True).spec["kind"] in kinds]
-
-
 def run(names=None, quick: bool = False, budget_s: float = 4.0,
         progress: Callable[[str], None] = print, repeat: int = 1) -> list[dict]:
-    """The forward-mode section: the records of every selected configuration that has one."""
+    """The forward-mode section: the records of every selected configuration (all if ``names``
+    is empty) that has a forward-mode row (``MODES``)."""
     records = []
-    for config in selected(names):
-        progress(f"forward mode, {config.name}: {config.description}")
-        records += run_config(config, quick, budget_s, repeat)
+    for config in bench_models.select(names):
+        if config.name in MODES:
+            progress(f"forward mode, {config.name}: {config.description}")
+            records += run_config(config, config.build(quick), budget_s, repeat)
     return records
 
 

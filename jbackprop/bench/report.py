@@ -125,6 +125,29 @@ def forward_lines(result: dict) -> list[str]:
             line(FORWARD_HEAD), line(["-" * w for w in widths])] + [line(r) for r in rows]
 
 
+def forward_markdown(result: dict) -> list[str]:
+    """The forward-mode section as Markdown lines (empty if the run has none)."""
+    rows = forward_rows(result)
+    if not rows:
+        return []
+    out = ["", "Forward mode (`jvp`: `jax.jvp` of the mean loss w.r.t. parameters and inputs; "
+           "`hvp`: Hessian-vector product w.r.t. the parameters, forward over reverse; "
+           "autodiff: the same of the plain-`jnp` reference; rev-over-rev: `jax.grad` of "
+           "`vdot(jax.grad(loss), v)` with jbackprop):", "",
+           "| " + " | ".join(["configuration", "mode", "manual ms", "autodiff ms",
+                              "manual / autodiff", "temp MiB (manual / autodiff)",
+                              "temp manual / autodiff", "rev-over-rev ms",
+                              "manual / rev-over-rev", "rev-over-rev temp MiB",
+                              "temp manual / rev-over-rev", "max rel. diff"]) + " |",
+           "|" + " --- |" * 12]
+    for row in rows:
+        cells = [f"`{row[0]}`", *row[1:]]
+        cells[4] = f"**{cells[4]}**"                       # the headline: manual / autodiff
+        cells[5] = cells[5].replace("/", " / ")
+        out.append("| " + " | ".join(cells) + " |")
+    return out
+
+
 def format_table(result: dict) -> str:
     """The report as a plain-text table: one row per configuration, then the targets."""
     head = ("config", "baseline", "manual ms", "base ms", "man/base", "temp MB m/b",
@@ -253,20 +276,7 @@ def format_markdown(result: dict) -> str:
     skipped = skipped_lines(result)
     if skipped:
         out += ["", "Optional columns absent: " + "; ".join(skipped) + "."]
-    rows = forward_rows(result)
-    if rows:
-        out += ["", "Forward mode (`jvp`: `jax.jvp` of the mean loss w.r.t. parameters and "
-                "inputs; `hvp`: Hessian-vector product w.r.t. the parameters, forward over "
-                "reverse; autodiff: the same of the plain-`jnp` reference; rev-over-rev: "
-                "`jax.grad` of `vdot(jax.grad(loss), v)` with jbackprop):", "",
-                "| " + " | ".join(["configuration", "mode", "manual ms", "autodiff ms",
-                                   "manual / autodiff", "temp MiB (manual / autodiff)",
-                                   "temp manual / autodiff", "rev-over-rev ms",
-                                   "manual / rev-over-rev", "rev-over-rev temp MiB",
-                                   "temp manual / rev-over-rev", "max rel. diff"]) + " |",
-                "|" + " --- |" * 12]
-        out += ["| `" + row[0] + "` | " + " | ".join(row[1:]).replace("/", " / ") + " |"
-                for row in rows]
+    out += forward_markdown(result)
     out += ["", "| target | measured | limit | |", "| --- | --- | --- | --- |"]
     for t in result["targets"]:
         sign = "≥" if "GEMM" in t["target"] else "≤"

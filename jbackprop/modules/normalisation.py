@@ -243,8 +243,8 @@ def _rms_norm(params, z, eps):
 
 
 def _rms_norm_fwd(params, z, eps):
-    xhat, r = _root_mean_square(z, eps)
-    return params["gamma"] * xhat, (xhat, r, params["gamma"])    # residuals: x̂, r (and γ)
+    xhat, r = _root_mean_square(z, eps)              # same ops as in the core: XLA CSEs them
+    return _rms_norm(params, z, eps), (xhat, r, params["gamma"])  # residuals: x̂, r (and γ)
 
 
 def _rms_norm_bwd(eps, res, v):

@@ -249,7 +249,7 @@ class _Linear(_Hashable):
         call = self.call
         out_dot = call.rules.jvp(*call.hyper_values(), self.res_tree.unflatten(res),
                                  *call.arrays(dots))
-        leaves = _checked(call.rules, "jvp", "output", tree_util.tree_leaves(out_dot), self.outs)
+        leaves = _checked(call.rules, "jvp", "output's", tree_util.tree_leaves(out_dot), self.outs)
         return [weakly_typed(t) if weak else t for t, (_, _, weak) in zip(leaves, self.outs)]
 
     def cotangent(self, res, v):
@@ -282,7 +282,7 @@ def _checked(rules, rule, what, leaves, expected):
     if len(leaves) != len(expected) or any(
             jnp.shape(x) != e[0] or jnp.result_type(x) != e[1] for x, e in zip(leaves, expected)):
         got = [(jnp.shape(x), str(jnp.result_type(x))) for x in leaves]
-        raise TypeError(f"{rules.__name__}: the hand-written {rule} must return the {what}'s "
+        raise TypeError(f"{rules.__name__}: the hand-written {rule} must return the {what} "
                         f"shapes and dtypes {[(e[0], str(e[1])) for e in expected]}, got {got}")
     return leaves
 
@@ -303,7 +303,7 @@ def _lin_transpose(cts, *args, lin: _Linear):
         raise NotImplementedError("jbackprop_linear is linear in its tangents only")
     bars = lin.cotangent(res, [ad.instantiate_zeros(ct) for ct in cts])
     pairs = [(b, d) for b, d in zip(bars, dots) if b is not None and ad.is_undefined_primal(d)]
-    _checked(lin.call.rules, "backward", "inputs", [b for b, _ in pairs],
+    _checked(lin.call.rules, "backward", "arguments'", [b for b, _ in pairs],
              [(d.aval.shape, d.aval.dtype) for _, d in pairs])
     return [None] * len(res) + [
         None if b is None or not ad.is_undefined_primal(d)
