@@ -14,5 +14,5 @@ from jbackprop.check.forward import JVP_CHECKS, verify_jvp
 from jbackprop.check.nonfinite import NonFiniteReport, locate_nonfinite
 from jbackprop.check.report import Report
 
-__all__ = ["verify_vjp", "verify_jvp", "JVP_CHECKS", "Report", "ALL_CHECKS", "TOLERANCES", "FD_TOL", "locate_nonfinite",
-           "NonFiniteReport"]
+__all__ = ["verify_vjp", "verify_jvp", "JVP_CHECKS", "Report", "ALL_CHECKS", "TOLERANCES",
+           "FD_TOL", "locate_nonfinite", "NonFiniteReport"]

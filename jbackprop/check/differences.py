@@ -35,6 +35,7 @@ from jbackprop.check.arrays import normal
 from jbackprop.check.report import Taylor
 
 EPS64 = float(np.finfo(np.float64).eps)
+FD_TOL = 1e-6             # float64 finite differences (their own error is estimated and removed)
 LEVELS = 10                        # h₀ … h₀/512
 _LADDER = 2.0 ** -np.arange(LEVELS)
 SCALE_STEP = 1e-6                  # relative step of ``local_scale`` (never crosses a kink at 0)

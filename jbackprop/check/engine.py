@@ -35,13 +35,13 @@ import numpy as np
 
 from jbackprop._compat import enable_x64
 from jbackprop.check import differences as fd
+from jbackprop.check.differences import FD_TOL
 from jbackprop.check.arrays import compare as _compare, inner as _inner, is_float as _is_float
 from jbackprop.check.arrays import labels as _labels, normal as _normal, to64 as _to64
 from jbackprop.check.report import Comparison, Leaf, Report, saved_residuals
 
 # Relative tolerance of a hand-written cotangent, per element, by the dtype it is computed in.
 TOLERANCES = {"float64": 1e-9, "float32": 1e-4, "float16": 5e-3, "bfloat16": 3e-2}
-FD_TOL = 1e-6             # float64 finite differences (their own error is estimated and removed)
 PER_ELEMENT = 512         # leaves up to this size get finite differences per element
 _DIRECTIONS = 3
 ALL_CHECKS = ("contract", "integer_leaves", "primal", "zeros", "determinism", "autodiff",
@@ -110,7 +110,7 @@ def verify_vjp(fn: Callable, *args: Any, reference: Callable | None = None,
                 leaf.taylor = fd.taylor(lambda dxs, i=i: p64.J_batch(i, v64, dxs), p64.leaves[i],
                                         g64[i], unit, kink, seed + i)
         wide = whole.float64_checks(p64, v64, g64, tol, checks, kinks)
-        out_scale = fd.local_scale(lambda l, w: jax.tree.leaves(p64.call(l, reference is not None)),
+        out_scale = fd.local_scale(lambda l, w: jax.tree.leaves(p64.call_compiled(l, reference is not None)),
                                    p64.leaves, v64, seed) if "primal" in checks else None
     report_checks = whole.working_dtype_checks(prob, v, g, tol, checks, scale, truth, leaves,
                                                batch_argnums, out_scale)
@@ -156,6 +156,11 @@ class _Problem:
 
     def call(self, leaves, use_reference=False):
         return (self.reference if use_reference else self.fn)(*self.full_args(leaves))
+
+    def call_compiled(self, leaves, use_reference=False):
+        """``call``, compiled once per function and shapes (for repeated evaluations)."""
+        return _call_jit(self.fn, self.reference, self.argnums, bool(use_reference),
+                         _rules(self.fn), self.args, list(leaves))
 
     def pullback(self, leaves, v, use_reference=False):
         """Cotangents of the floating leaves (jit-compiled; shared by same-shaped calls).
@@ -215,6 +220,12 @@ def _rules(fn) -> tuple:
 def _pullback_jit(fn, reference, backward, argnums, use_reference, rules, args, leaves, v):
     del rules                                             # in the cache key only
     return _Problem(fn, args, argnums, reference, backward, 0).pullback_eager(leaves, v, use_reference)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 4))
+def _call_jit(fn, reference, argnums, use_reference, rules, args, leaves):
+    del rules                                             # in the cache key only
+    return _Problem(fn, args, argnums, reference, None, 0).call(leaves, use_reference)
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1, 2))

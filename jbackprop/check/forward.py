@@ -34,7 +34,8 @@ import numpy as np
 from jbackprop._compat import enable_x64
 from jbackprop.check import differences as fd
 from jbackprop.check.arrays import compare, is_float, normal, to64
-from jbackprop.check.engine import FD_TOL, TOLERANCES, _Problem, _rules
+from jbackprop.check.differences import FD_TOL
+from jbackprop.check.engine import TOLERANCES, _Problem, _rules
 from jbackprop.check.report import Check, Leaf, Report
 from jbackprop.check.whole import guard
 
@@ -80,7 +81,7 @@ def verify_jvp(fn: Callable, *args: Any, reference: Callable | None = None,
         use_ref = reference is not None
         scale = fd.local_scale(lambda l, d: jax.tree.leaves(_jvp(p64, None, l, d, use_ref)[1]),
                                p64.leaves, dots64, seed)
-        out_scale = fd.local_scale(lambda l, d: jax.tree.leaves(p64.call(l, use_ref)),
+        out_scale = fd.local_scale(lambda l, d: jax.tree.leaves(p64.call_compiled(l, use_ref)),
                                    p64.leaves, dots64, seed) if "primal" in checks else None
         if use_ref and "autodiff" in checks:
             truth = jax.tree.leaves(_jvp(p64, None, p64.leaves, dots64, True)[1])
@@ -172,7 +173,7 @@ def _finite_differences(p64: _Problem, dots64, out_dot, scale, tol) -> list:
     steps = jnp.asarray(fd.ladder_and_probe() * h0)
     outs = jax.tree.leaves(_steps_jit(p64.fn, p64.argnums, p64.args, list(p64.leaves),
                                       list(dots64), steps))
-    base = jax.tree.leaves(p64.call(p64.leaves))
+    base = jax.tree.leaves(p64.call_compiled(p64.leaves))
     rows = []
     for o, b, a, s in zip(outs, base, out_dot, scale):
         o, b = np.asarray(o, np.float64).reshape(len(steps), -1), np.asarray(b, np.float64).reshape(-1)

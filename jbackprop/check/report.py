@@ -146,7 +146,7 @@ class Report:
             rows.append((self.name, self.dtype, leaf.leaf, _fmt(leaf.autodiff) if leaf.autodiff or not leaf.note
                          else leaf.note, _fmt(leaf.finite_differences),
                          _fmt_taylor(leaf.taylor),
-                         _fmt_bytes(self.residual_bytes) if i == 0 else "",
+                         _fmt_bytes(self.residual_bytes) if i == 0 and self.mode == "VJP" else "",
                          "yes" if leaf.passed else "NO"))
         bad = [c.name for c in self.checks if not c.passed]
         done = [c for c in self.checks if not c.skipped]

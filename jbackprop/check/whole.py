@@ -15,11 +15,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from jbackprop.check import differences as fd
+from jbackprop.check.differences import FD_TOL
 from jbackprop.check.arrays import compare, inner, normal
 from jbackprop.check.contract import cotangent_contract, determinism, integer_leaves
 from jbackprop.check.report import Check
 
-FD_TOL = 1e-6
 PRECISION_FACTOR = 8      # the rule's error may be this many times the reference's (or 8 ε)
 STRESS = (10.0, 1e3, 1e6)  # inputs scaled by these must still give finite cotangents
 
