@@ -259,6 +259,8 @@ def main(argv=None) -> int:
                    help="skip the PyTorch / Equinox columns even if installed")
     b.add_argument("--no-compile-depth", action="store_true",
                    help="skip the ResNet-S compile-time-against-depth probe")
+    b.add_argument("--no-forward", action="store_true",
+                   help="skip the forward-mode section (JVPs and Hessian-vector products)")
     b.set_defaults(run=_bench)
     args = parser.parse_args(argv)
     return args.run(args)

@@ -169,7 +169,8 @@ def test_cli_check_one_module(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "layer_norm_s[7x5]" in printed and "Taylor rate" in printed and "0 failed" in printed
     reports = json.loads(out.read_text())
-    assert len(reports) == 1 and reports[0]["passed"] and reports[0]["dtype"] == "float64"
+    assert [r["mode"] for r in reports] == ["VJP", "JVP"]          # both modes of the case
+    assert all(r["passed"] and r["dtype"] == "float64" for r in reports)
 
 
 def test_cli_unknown_module_is_an_error(capsys):

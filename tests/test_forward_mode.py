@@ -271,3 +271,26 @@ def test_notes_form_tangent_of_mm_is_the_formula():
     assert out.dtype == jnp.float64
     expected = p["W"].astype(jnp.float64) @ zd + pd["W"].astype(jnp.float64) @ z + pd["b"]
     chex.assert_trees_all_close(out, expected, rtol=1e-12)
+
+
+def test_vmap_over_parameters_runs_the_rules_vmapped():
+    """An ensemble (``vmap`` over the parameters, which have no leading batch axis in the
+    core): ``grad``, ``jvp`` and ``hessian`` still run the hand-written rules (vmapped) and equal
+    the reference."""
+    keys = jax.random.split(jax.random.PRNGKey(4), 3)
+    ensemble = jax.vmap(lambda k: jb.mlp_init(k, [3, 4, 2], jnp.float64))(keys)
+    x = jnp.array([0.3, -1.2, 0.8])
+    loss = lambda model: lambda ps: jnp.sum(jnp.sin(jax.vmap(model, (0, None))(ps, x)))
+    f, fr = loss(jb.mlp), loss(registry.reference_of(jb.mlp))
+    dots = jax.tree.map(jnp.ones_like, ensemble)
+    with _spied(LIBRARY_CORES) as calls:
+        g = jax.grad(f)(ensemble)
+    assert calls["bwd"] > 0 and calls["jvp"] == 0, calls
+    chex.assert_trees_all_close(g, jax.grad(fr)(ensemble), **TIGHT)
+    with _spied(LIBRARY_CORES) as calls:
+        t = jax.jvp(f, (ensemble,), (dots,))
+    assert calls["jvp"] > 0 and calls["bwd"] == 0, calls
+    chex.assert_trees_all_close(t, jax.jvp(fr, (ensemble,), (dots,)), **TIGHT)
+    flat, unravel = ravel_pytree(ensemble)
+    chex.assert_trees_all_close(jax.hessian(lambda w: f(unravel(w)))(flat),
+                                jax.hessian(lambda w: fr(unravel(w)))(flat), **TIGHT)

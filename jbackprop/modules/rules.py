@@ -45,7 +45,8 @@ import jax
 import jax.numpy as jnp
 from jax import tree_util
 
-from jbackprop._compat import Primitive, ad, batching, mlir, shaped_array, weakly_typed
+from jbackprop._compat import (Primitive, ad, batching, explicit_sharding, mlir, shaped_array,
+                               weakly_typed)
 
 __all__ = ["custom_rules"]
 
@@ -106,13 +107,13 @@ class custom_rules:
         bound = self.signature.bind(*args, **kwargs)
         bound.apply_defaults()
         hyper = {n: bound.arguments[n] for n in self.nondiff_argnames}
-        return call(self, [bound.arguments[n] for n in self.array_names], hyper)
+        return _bind(self, [bound.arguments[n] for n in self.array_names], hyper)
 
     def __repr__(self):
         return f"<custom_rules {self.__name__}>"
 
 
-def call(rules, arrays: Sequence[Any], hyper: dict):
+def _bind(rules, arrays: Sequence[Any], hyper: dict):
     """``rules.fun(*arrays, **hyper)`` as one ``jbackprop_call``."""
     for n, x in hyper.items():
         try:
@@ -168,8 +169,21 @@ _call_p.multiple_results = True
 
 
 def _call_abstract_eval(*avals, call: _Static):
-    structs = [jax.ShapeDtypeStruct(a.shape, a.dtype, weak_type=a.weak_type) for a in avals]
-    return [shaped_array(o, avals[0] if avals else None) for o in jax.eval_shape(call, *structs)]
+    structs = [jax.ShapeDtypeStruct(a.shape, a.dtype, weak_type=a.weak_type,
+                                    **_explicit(a)) for a in avals]
+    return [shaped_array(o, avals[0] if avals else None).update(**_explicit(o))
+            for o in jax.eval_shape(call, *structs)]
+
+
+def _explicit(aval) -> dict:
+    """``{"sharding": …}`` of an abstract value typed on a mesh with Explicit axes, else ``{}``
+    (the output of a module is sharded as the rules compute it, e.g. along the batch)."""
+    sharding = getattr(aval, "sharding", None)
+    mesh = getattr(sharding, "mesh", None)
+    explicit = getattr(getattr(jax.sharding, "AxisType", None), "Explicit", None)
+    if mesh is None or explicit is None or explicit not in tuple(getattr(mesh, "axis_types", ())):
+        return {}
+    return {"sharding": sharding}
 
 
 def _call_jvp(primals, tangents, *, call: _Static):
@@ -181,8 +195,8 @@ def _call_jvp(primals, tangents, *, call: _Static):
     out, residuals = rules.fwd(*call.arrays(primals), **dict(call.hyper))
     out_leaves, out_tree = tree_util.tree_flatten(out)
     res_leaves, res_tree = tree_util.tree_flatten(residuals)
-    outs = tuple((o.shape, o.dtype, o.aval.weak_type if hasattr(o, "aval") else False)
-                 for o in map(jnp.asarray, out_leaves))
+    outs = tuple((o.shape, o.dtype, o.aval.weak_type if hasattr(o, "aval") else False,
+                  explicit_sharding(o)) for o in map(jnp.asarray, out_leaves))
     lin = _Linear(call, res_tree, out_tree, outs, ())
     tangents = [ad.instantiate_zeros(t) for t in tangents]
     return out_leaves, _lin_p.bind(*res_leaves, *tangents, lin=lin)
@@ -225,6 +239,9 @@ class _Linear(_Hashable):
     def _key(self):
         return (self.call, self.res_tree, self.out_tree, self.outs, self.levels)
 
+    def __repr__(self):
+        return f"J[{self.call!r}]" + "".join(f"vmap{size}" for _, _, size in self.levels)
+
     @property
     def num_res(self):
         return self.res_tree.num_leaves
@@ -239,7 +256,8 @@ class _Linear(_Hashable):
     def shapes(self):
         """The output's (shape, dtype)s with every batch level."""
         sizes = tuple(size for _, _, size in reversed(self.levels))
-        return [((*sizes, *s), d, weak) for s, d, weak in self.outs]
+        return [((*sizes, *s), d, weak, None if sizes else sharding)
+                for s, d, weak, sharding in self.outs]
 
     def tangent(self, res, dots):
         """``J ż``: the hand-written JVP, vmapped once per level."""
@@ -250,7 +268,7 @@ class _Linear(_Hashable):
         out_dot = call.rules.jvp(*call.hyper_values(), self.res_tree.unflatten(res),
                                  *call.arrays(dots))
         leaves = _checked(call.rules, "jvp", "output's", tree_util.tree_leaves(out_dot), self.outs)
-        return [weakly_typed(t) if weak else t for t, (_, _, weak) in zip(leaves, self.outs)]
+        return [weakly_typed(t) if out[2] else t for t, out in zip(leaves, self.outs)]
 
     def cotangent(self, res, v):
         """``Jᵀ v``: the hand-written backward, vmapped once per level (the cotangent of an
@@ -293,8 +311,10 @@ _lin_p.multiple_results = True
 
 def _lin_abstract_eval(*avals, lin: _Linear):
     like = avals[0] if avals else None
-    return [shaped_array(jax.ShapeDtypeStruct(s, d, weak_type=weak), like)
-            for s, d, weak in lin.shapes()]
+    avals = [(shaped_array(jax.ShapeDtypeStruct(s, d, weak_type=weak), like), sharding)
+             for s, d, weak, sharding in lin.shapes()]
+    # on a mesh with Explicit axes: the tangent is sharded as the output (``_call_jvp``)
+    return [a if sharding is None else a.update(sharding=sharding) for a, sharding in avals]
 
 
 def _lin_transpose(cts, *args, lin: _Linear):
