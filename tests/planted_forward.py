@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 
 import jbackprop as jb
+from planted import _standardise     # x̂ and 1/σ̂ of one row, as in (b)
 
 
 def n(seed, *shape):
@@ -51,12 +52,6 @@ RELU_ARGS = (jnp.array([-1.5, 0.0, 0.7, 0.0, 2.0, -0.3]),)
 
 
 # --- (D) LN-S's JVP without the x̂ mean(ż ⊙ x̂) term ------------------------------------------
-def _standardise(z, eps=1e-5):
-    d = z - jnp.mean(z)
-    r = jax.lax.rsqrt(jnp.mean(d * d) + eps)               # 1/σ̂
-    return d * r, r
-
-
 @jb.custom_rules
 def layer_norm_s_jvp_no_xhat_term(z):
     return _standardise(z)[0]
