@@ -14,22 +14,31 @@ Subpackages: ``jbackprop.modules`` (the modules and their registry), ``jbackprop
 The modules are re-exported from their family's ``__all__``.
 """
 from jbackprop import check, reference, testing
-from jbackprop.modules import (activations, combinators, convolution, linear, losses, models,
-                               normalisation)
+from jbackprop.modules import combinators
 from jbackprop.modules.activations import *  # noqa: F401,F403
+from jbackprop.modules.attention import *  # noqa: F401,F403
 from jbackprop.modules.combinators import Layer, serial
 from jbackprop.modules.convolution import *  # noqa: F401,F403
 from jbackprop.modules.linear import *  # noqa: F401,F403
 from jbackprop.modules.losses import *  # noqa: F401,F403
 from jbackprop.modules.models import *  # noqa: F401,F403
 from jbackprop.modules.normalisation import *  # noqa: F401,F403
+from jbackprop.modules.pooling import *  # noqa: F401,F403
+from jbackprop.modules.regularisation import *  # noqa: F401,F403
 from jbackprop.modules.rules import custom_rules
+from jbackprop.modules.transformer import *  # noqa: F401,F403
 from jbackprop.modules.wiring import backward, tangent
+
+
+def _public(*families: str) -> list[str]:
+    """The ``__all__`` of each family's module, in order."""
+    import importlib
+    return [n for f in families for n in importlib.import_module(f"jbackprop.modules.{f}").__all__]
+
 
 __version__ = "0.1.0"
 
-__all__ = ["backward", "tangent", "custom_rules", "check", "testing", "combinators", "reference", "Layer", "serial",
-           *linear.__all__, *activations.__all__, *normalisation.__all__, *convolution.__all__,
-           *losses.__all__, *models.__all__]
-
-del activations, convolution, linear, losses, models, normalisation
+__all__ = ["backward", "tangent", "custom_rules", "check", "testing", "combinators", "reference",
+           "Layer", "serial",
+           *_public("linear", "activations", "normalisation", "convolution", "pooling", "losses",
+                    "attention", "regularisation", "models", "transformer")]

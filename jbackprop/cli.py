@@ -10,7 +10,7 @@ import os
 import sys
 import time
 
-from jbackprop.train.loop import Config
+from jbackprop.train.loop import TRANSFORMER_DEFAULTS, Config
 
 
 def _check(args: argparse.Namespace) -> int:
@@ -120,7 +120,8 @@ def _train(args: argparse.Namespace) -> int:
                           "configuration start a new run with --out")
         cfg = cfg_given          # fit checks the dataset, then says what it resumes
     else:
-        values = {k: given.get(k, getattr(Config, k)) for k in fields}
+        model_defaults = TRANSFORMER_DEFAULTS if given.get("model") == "transformer" else {}
+        values = {k: given.get(k, model_defaults.get(k, getattr(Config, k))) for k in fields}
         if "input_noise" not in given:   # Config's noise suits the digits; the others get none
             values["input_noise"] = Config.input_noise if values["dataset"] == "digits" else 0.0
         try:   # Config refuses numbers that cannot train, naming the field
@@ -196,8 +197,12 @@ def main(argv=None) -> int:
                                      "an MLP on scikit-learn's handwritten digits; needs "
                                      'pip install "jbackprop[cli]")')
     C = Config
-    t.add_argument("--model", choices=["mlp", "resnet-s", "cnn"], help=f"default: {C.model}")
-    t.add_argument("--dataset", help="digits | xor | housing | PATH.npz (arrays x_train, y_train, "
+    T = TRANSFORMER_DEFAULTS
+    t.add_argument("--model", choices=["mlp", "resnet-s", "cnn", "transformer"],
+                   help=f"default: {C.model}; the transformer's defaults differ: "
+                        + ", ".join(f"{_flag(k)} {v}" for k, v in T.items()))
+    t.add_argument("--dataset", help="digits | xor | housing | sort (sequences: the "
+                   "transformer's) | PATH.npz (arrays x_train, y_train, "
                    "x_test, y_test; integer or bool y: classes, float y: regression); "
                    f"default: {C.dataset}")
     t.add_argument("--optimizer", choices=["sgd", "momentum", "adam"],
@@ -215,8 +220,11 @@ def main(argv=None) -> int:
     t.add_argument("--backward", choices=["manual", "autodiff"],
                    help="manual: jbackprop's hand-written rules; autodiff: jax.grad of the "
                         f"pure-jnp reference of the same model; default: {C.backward}")
-    t.add_argument("--width", type=int, help=f"hidden units (MLP, ResNet-S); default: {C.width}")
-    t.add_argument("--depth", type=int, help=f"ResNet-S residual blocks; default: {C.depth}")
+    t.add_argument("--width", type=int, help="hidden units (MLP, ResNet-S), d_model "
+                   f"(transformer); default: {C.width}")
+    t.add_argument("--depth", type=int, help=f"ResNet-S residual blocks, transformer blocks; "
+                                             f"default: {C.depth}")
+    t.add_argument("--heads", type=int, help=f"transformer attention heads; default: {C.heads}")
     t.add_argument("--weight-decay", type=float, help=f"default: {C.weight_decay}")
     t.add_argument("--input-noise", type=float,
                    help="std of Gaussian noise on training inputs (default "
@@ -243,7 +251,8 @@ def main(argv=None) -> int:
                                      "against jax.grad of the same mathematics (a table and JSON)")
     b.add_argument("--config", nargs="+", metavar="NAME",
                    help="only these configurations (default: all): mlp-large, mlp-small, "
-                        "resnet-s, layernorm-net, conv1d, conv2d, xent-10k")
+                        "resnet-s, layernorm-net, conv1d, conv2d, conv2d-pair, xent-10k, "
+                        "transformer")
     b.add_argument("--quick", action="store_true",
                    help="small shapes and short runs: checks that the suite works, in seconds")
     b.add_argument("--budget", type=float, default=None,
@@ -261,6 +270,9 @@ def main(argv=None) -> int:
                    help="skip the ResNet-S compile-time-against-depth probe")
     b.add_argument("--no-forward", action="store_true",
                    help="skip the forward-mode section (JVPs and Hessian-vector products)")
+    b.add_argument("--no-attention", action="store_true",
+                   help="skip the attention section (memory and time against sequence length; "
+                        "with --plot also its chart, PNG-attention.png)")
     b.set_defaults(run=_bench)
     args = parser.parse_args(argv)
     return args.run(args)

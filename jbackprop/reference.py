@@ -131,3 +131,88 @@ def resnet_s(params, x, activation=relu):
     for i in range(blocks["mm1"]["W"].shape[0]):
         z = residual(jax.tree.map(lambda a: a[i], blocks), z, activation)
     return mm(params["head"], z)
+
+
+def softmax(z):
+    """e^z / Σ e^z over the last axis (shifted by the max, which does not change it)."""
+    e = jnp.exp(z - jax.lax.stop_gradient(jnp.max(z, axis=-1, keepdims=True)))
+    return e / jnp.sum(e, axis=-1, keepdims=True)
+
+
+def attention(q, k, v, causal=False, block_size=None):
+    """softmax(q kᵀ/√d) v, holding the whole (n, m) matrix (``block_size`` is ignored)."""
+    del block_size
+    s = q @ jnp.swapaxes(k, -1, -2) / jnp.sqrt(q.shape[-1])
+    if causal:
+        s = jnp.where(jnp.tril(jnp.ones(s.shape[-2:], bool)), s, -jnp.inf)
+    return softmax(s) @ v
+
+
+def multi_head_attention(params, x, num_heads, causal=False):
+    n, d = x.shape
+    width = d // num_heads
+
+    def heads(name):                                   # (n, d) -> (num_heads, n, width)
+        u = x @ params[name]["W"].T + params[name].get("b", 0.0)
+        return u.reshape(n, num_heads, width).transpose(1, 0, 2)
+    o = attention(heads("q"), heads("k"), heads("v"), causal)
+    return o.transpose(1, 0, 2).reshape(n, d) @ params["o"]["W"].T + params["o"]["b"]
+
+
+def _pool1d(reduce, z, window, stride):
+    """Windows of ``window`` rows every ``stride`` rows of z (..., m, C), each reduced."""
+    stride = window if stride is None else stride
+    count = (z.shape[-2] - window) // stride + 1
+    return jnp.stack([reduce(z[..., i * stride:i * stride + window, :], axis=-2)
+                      for i in range(count)], axis=-2)
+
+
+def _pool2d(reduce, z, window, stride):
+    """Windows (a, b) every (sa, sb) of z (..., h, w, C), each reduced over both axes."""
+    a, b = (window, window) if isinstance(window, int) else window
+    stride = (a, b) if stride is None else stride
+    sa, sb = (stride, stride) if isinstance(stride, int) else stride
+    rows, cols = (z.shape[-3] - a) // sa + 1, (z.shape[-2] - b) // sb + 1
+    return jnp.stack([jnp.stack([reduce(z[..., i * sa:i * sa + a, j * sb:j * sb + b, :],
+                                        axis=(-3, -2)) for j in range(cols)], axis=-2)
+                      for i in range(rows)], axis=-3)
+
+
+def max_pool1d(z, window, stride=None):
+    return _pool1d(jnp.max, z, window, stride)
+
+
+def avg_pool1d(z, window, stride=None):
+    return _pool1d(jnp.mean, z, window, stride)
+
+
+def max_pool2d(z, window, stride=None):
+    return _pool2d(jnp.max, z, window, stride)
+
+
+def avg_pool2d(z, window, stride=None):
+    return _pool2d(jnp.mean, z, window, stride)
+
+
+def dropout(z, key, rate):
+    """Inverted dropout: keep with probability 1 − rate, scale the kept by 1/(1 − rate)."""
+    keep = jax.random.bernoulli(key, 1 - rate, z.shape)
+    return jnp.where(keep, z / (1 - rate), 0.0)
+
+
+def embedding(params, ids):
+    return params["E"][ids]
+
+
+def transformer(params, ids, causal=True):
+    """Token + position embeddings, pre-LN blocks (a Python loop), final LN, head."""
+    num_heads = params["heads"].shape[0]
+    n = ids.shape[0]
+    x = embedding(params["embed"], ids) + params["pos"]["E"][:n]
+    blocks = params["blocks"]
+    for i in range(blocks["mlp1"]["W"].shape[0]):
+        p = jax.tree.map(lambda a: a[i], blocks)
+        x = x + multi_head_attention(p["attn"], layer_norm(p["ln1"], x), num_heads, causal)
+        h = gelu(layer_norm(p["ln2"], x) @ p["mlp1"]["W"].T + p["mlp1"]["b"])
+        x = x + h @ p["mlp2"]["W"].T + p["mlp2"]["b"]
+    return layer_norm(params["final"], x) @ params["head"]["W"].T + params["head"]["b"]

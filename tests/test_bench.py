@@ -25,7 +25,7 @@ def test_versions_compute_the_same_loss_and_gradient(config):
     each configuration, and the batched one, agree: the benchmark compares the same maths."""
     p = config.build(True)
     params = jax.tree.map(lambda a: a.astype(jnp.float64), p.params)
-    x = p.x.astype(jnp.float64)
+    x = p.x.astype(jnp.float64) if jnp.issubdtype(p.x.dtype, jnp.floating) else p.x   # ids
     ref_value, ref_grad = jax.value_and_grad(p.losses["autodiff"])(params, x, p.y)
     for version, loss in p.losses.items():
         value, grad = jax.jit(jax.value_and_grad(loss))(params, x, p.y)
@@ -117,7 +117,7 @@ def test_convolutions_are_compared_with_lax_conv(config):
     p = config.build(True)
     assert p.baseline == "lax.conv" and {"manual", "autodiff", "lax.conv"} <= set(p.losses)
     params = jax.tree.map(lambda a: a.astype(jnp.float64), p.params)
-    x = p.x.astype(jnp.float64)
+    x = p.x.astype(jnp.float64) if jnp.issubdtype(p.x.dtype, jnp.floating) else p.x   # ids
     value, grad = jax.jit(jax.value_and_grad(p.losses["lax.conv"]))(params, x, p.y)
     man_value, man_grad = jax.jit(jax.value_and_grad(p.losses["manual"]))(params, x, p.y)
     assert jnp.abs(grad[0]["w"]).max() > 1e-3                 # a gradient, not zeros
@@ -206,3 +206,18 @@ def test_hvp_versions_agree_in_float64():
         ref = jax.jit(fns["autodiff"][0])(*fns["autodiff"][1])
         for version, (fn, args) in fns.items():
             chex.assert_trees_all_close(jax.jit(fn)(*args), ref, rtol=1e-10, atol=1e-12)
+
+
+def test_attention_section_quick():
+    """The attention section at two lengths (the second blocked): the three versions compute the
+    same gradients; records, targets and the Markdown lines have their fields."""
+    from jbackprop.bench import attention as bench_attention
+    records = bench_attention.run(quick=True, budget_s=0.0, progress=lambda s: None)
+    assert [r["n"] for r in records] == list(bench_attention.QUICK_LENGTHS)
+    for r in records:
+        assert set(r["versions"]) == set(bench_attention.VERSIONS)
+        for v in r["versions"].values():
+            assert v["ms"] > 0 and v["rel_diff_vs_autodiff"] < 1e-4
+    names = [t["target"] for t in bench_attention.targets(records)]
+    assert names == [f"attention n={n}: time manual/autodiff" for n in bench_attention.QUICK_LENGTHS]
+    assert len(bench_attention.lines(records)) == 2 + len(records)

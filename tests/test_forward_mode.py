@@ -24,12 +24,15 @@ import jbackprop as jb
 from jbackprop import reference as ref
 from jbackprop.check.cases import cast_case
 from jbackprop.check.forward import JVP_CHECKS, verify_jvp
-from jbackprop.modules import registry
+from jbackprop.modules import attention as attention_module, registry
 from jbackprop.testing import assert_jvp_correct
 import planted_forward as pf
 
 CASES = registry.cases()
-LIBRARY_CORES = {c for d in registry.declarations() for c in d.cores}
+# every core of the library: the declared ones, and attention's inner (O, ℓ) core, which its
+# forward rule calls
+LIBRARY_CORES = {c for d in registry.declarations() for c in d.cores} | {
+    attention_module._attention_with_lse}
 # one example shape of each module and hyper-parameter setting
 FIRST = list({c.name.split("[")[0]: c for c in reversed(CASES)}.values())[::-1]
 TIGHT = {"rtol": 1e-10, "atol": 1e-10}
@@ -119,7 +122,7 @@ def test_each_transformation_runs_its_rule_and_equals_the_reference(case):
         with _spied(cores) as calls:
             out = run(f)
         assert calls["jvp"] > 0 and calls["bwd"] == 0, f"{name} ran {calls}"
-        chex.assert_trees_all_close(out, run(fr), **TIGHT)
+        chex.assert_trees_all_close(out, jax.jit(lambda: run(fr))(), **TIGHT)
     reverse = {
         "grad": lambda g: jax.grad(g, tuple(range(len(primals))))(*primals),
         "jit(grad)": lambda g: jax.jit(jax.grad(g, tuple(range(len(primals)))))(*primals),
@@ -128,7 +131,7 @@ def test_each_transformation_runs_its_rule_and_equals_the_reference(case):
         with _spied(cores) as calls:
             out = run(f)
         assert calls["bwd"] > 0 and calls["jvp"] == 0, f"{name} ran {calls}"
-        chex.assert_trees_all_close(out, run(fr), **TIGHT)
+        chex.assert_trees_all_close(out, jax.jit(lambda: run(fr))(), **TIGHT)
 
 
 @pytest.mark.parametrize("case", FIRST, ids=[c.name for c in FIRST])
@@ -137,11 +140,11 @@ def test_hessian_runs_both_rules_and_equals_the_reference(case):
     differentiated arguments, to 1e-10 in float64."""
     J, Jr, args, argnums, _ = _problem(case)
     with _spied(case.declaration.cores) as own, _spied(LIBRARY_CORES) as every:
-        H = jax.hessian(J, argnums)(*args)
+        H = jax.jit(jax.hessian(J, argnums))(*args)     # compiled once, not op by op
     # the module's backward, and hand-written JVPs over its forward (the residual block's
     # forward rule runs its parts' rules: their JVPs are the ones differentiated)
     assert own["bwd"] > 0 and every["jvp"] > 0, (own, every)
-    chex.assert_trees_all_close(H, jax.hessian(Jr, argnums)(*args), **TIGHT)
+    chex.assert_trees_all_close(H, jax.jit(jax.hessian(Jr, argnums))(*args), **TIGHT)
 
 
 BATCHED = [c for c in FIRST if c.declaration.batch_axes]
@@ -158,8 +161,8 @@ def test_per_example_gradients_and_jvps_under_vmap(case):
     in_axes = tuple(0 if i in data else None for i in range(len(args)))
     for g in (lambda F: jax.grad(F, argnums), lambda F: lambda *a: jax.jvp(
             lambda *d: _partial(F, a, argnums)(*d), tuple(a[i] for i in argnums), dots)):
-        chex.assert_trees_all_close(jax.vmap(g(J), in_axes)(*batched),
-                                    jax.vmap(g(Jr), in_axes)(*batched), **TIGHT)
+        chex.assert_trees_all_close(jax.jit(jax.vmap(g(J), in_axes))(*batched),
+                                    jax.jit(jax.vmap(g(Jr), in_axes))(*batched), **TIGHT)
 
 
 # --- second order of the models' losses ------------------------------------------------------
@@ -187,13 +190,13 @@ def test_model_loss_hessian_and_hessian_vector_products(name, model, model_ref, 
     forward-over-reverse and reverse-over-reverse Hessian-vector products agree with it."""
     loss, loss_ref = _mlp_loss(model), _mlp_loss(model_ref)
     flat, unravel = ravel_pytree(params)
-    H = jax.hessian(lambda w: loss(unravel(w)))(flat)
-    H_ref = jax.hessian(lambda w: loss_ref(unravel(w)))(flat)
+    H = jax.jit(jax.hessian(lambda w: loss(unravel(w))))(flat)
+    H_ref = jax.jit(jax.hessian(lambda w: loss_ref(unravel(w))))(flat)
     np.testing.assert_allclose(H, H_ref, rtol=1e-10, atol=1e-10)
     v = unravel(jax.random.normal(jax.random.PRNGKey(2), flat.shape, jnp.float64))
-    fwd_over_rev = jax.jvp(jax.grad(loss), (params,), (v,))[1]
-    rev_over_rev = jax.grad(lambda p: jnp.vdot(ravel_pytree(jax.grad(loss)(p))[0],
-                                               ravel_pytree(v)[0]))(params)
+    fwd_over_rev = jax.jit(lambda p: jax.jvp(jax.grad(loss), (p,), (v,))[1])(params)
+    rev_over_rev = jax.jit(jax.grad(lambda p: jnp.vdot(ravel_pytree(jax.grad(loss)(p))[0],
+                                                       ravel_pytree(v)[0])))(params)
     Hv = H_ref @ ravel_pytree(v)[0]
     np.testing.assert_allclose(ravel_pytree(fwd_over_rev)[0], Hv, rtol=1e-10, atol=1e-10)
     np.testing.assert_allclose(ravel_pytree(rev_over_rev)[0], Hv, rtol=1e-10, atol=1e-10)

@@ -225,6 +225,28 @@ def _many_classes(d, classes, batch):
     return build
 
 
+# --- a decoder-only Transformer, next-token cross-entropy over every position ----------------
+def _transformer(vocab, d_model, heads, depth, n, batch):
+    def build(quick):
+        v, d, h, k, m, b = (32, 16, 2, 2, 16, 4) if quick else (vocab, d_model, heads, depth,
+                                                              n, batch)
+        params = jb.transformer_init(jax.random.PRNGKey(0), v, d, h, k, m)
+        ids = jax.random.randint(jax.random.PRNGKey(1), (b, m + 1), 0, v)
+        x, y = ids[:, :-1], ids[:, 1:]                  # predict the next token everywhere
+
+        def loss_of(lib):
+            def loss(params, x, y):
+                per = jax.vmap(lambda xi, yi: jax.vmap(lib.cross_entropy_loss)(
+                    lib.transformer(params, xi), yi))
+                return jnp.mean(per(x, y))
+            return loss
+        attention_flops = 6 * b * k * 2 * m * m * d      # q kᵀ and P v, forward and backward
+        return Problem(params, x, y, {ver: loss_of(lib) for ver, lib in LIBS.items()},
+                       float(6 * b * m * _weights(params) + attention_flops),
+                       {"kind": "transformer", "batch": b, "n": m})
+    return build
+
+
 CONFIGS = [
     Config("mlp-large", "MLP 784→1024×4→10, batch 256", _mlp([784] + [1024] * 4 + [10], 256)),
     Config("mlp-small", "MLP 784→256×8→10, batch 64", _mlp([784] + [256] * 8 + [10], 64)),
@@ -240,6 +262,8 @@ CONFIGS = [
            _conv("2d", (32, 32, 16), 32, 10, 32, layers="pair")),
     Config("xent-10k", "cross-entropy, 10 000 classes: MM 512→10000, batch 256",
            _many_classes(512, 10_000, 256)),
+    Config("transformer", "Transformer d_model 256, 4 heads, depth 4 (scan), n 256, vocab 512, "
+           "batch 16", _transformer(512, 256, 4, 4, 256, 16)),
 ]
 
 

@@ -164,11 +164,22 @@ def taylor(J_steps: Callable, x, g, unit, kink, seed: int) -> Taylor:
     at each element, from the finite differences' chosen steps; zero at their kinks).
     ``J_steps(dxs)`` gives ``(J(x + dx) − J(x), round-off)`` for ``(1, steps, *x.shape)`` shifts
     (the last a probe)."""
+    d, steps = taylor_steps(x, unit, kink, seed)
+    return taylor_from(J_steps(steps), g, d)
+
+
+def taylor_steps(x, unit, kink, seed: int):
+    """``(δ, shifts)``: the Taylor direction and its ``(1, steps, *x.shape)`` shifts."""
     d = normal(seed, 77, np.shape(x), jnp.float64) * jnp.asarray(unit, jnp.float64)
     if kink is not None:
         d = jnp.where(kink, 0.0, d)
     steps = jnp.asarray(TAYLOR_H + [PROBE * TAYLOR_H[0]], jnp.float64).reshape((-1,) + (1,) * jnp.ndim(x)) * d
-    dJ, R, still = (np.asarray(a, np.float64)[0, :-1] for a in J_steps(steps.astype(jnp.result_type(x))[None]))
+    return d, steps.astype(jnp.result_type(x))[None]
+
+
+def taylor_from(moved_out, g, d) -> Taylor:
+    """The Taylor remainders from ``(J(x + dx) − J(x), round-off, still)`` at ``taylor_steps``."""
+    dJ, R, still = (np.asarray(a, np.float64)[0, :-1] for a in moved_out)
     slope, hs = float(jnp.vdot(jnp.asarray(g, jnp.float64), d)), TAYLOR_H
     r1 = [float(abs(J)) for J in dJ]
     r2 = [float(abs(J - h * slope)) for J, h in zip(dJ, hs)]

@@ -43,6 +43,7 @@ from jbackprop.check.report import Comparison, Leaf, Report, saved_residuals
 # Relative tolerance of a hand-written cotangent, per element, by the dtype it is computed in.
 TOLERANCES = {"float64": 1e-9, "float32": 1e-4, "float16": 5e-3, "bfloat16": 3e-2}
 PER_ELEMENT = 512         # leaves up to this size get finite differences per element
+FLAT_SHIFT_LIMIT = 4_000_000   # numbers of the shifted inputs and outputs for one compiled call
 _DIRECTIONS = 3
 ALL_CHECKS = ("contract", "integer_leaves", "primal", "zeros", "determinism", "autodiff",
               "precision", "finite_differences", "taylor", "adjoint", "linearity", "jit", "vmap",
@@ -100,15 +101,22 @@ def verify_vjp(fn: Callable, *args: Any, reference: Callable | None = None,
         if truth is not None and "autodiff" in checks:
             for leaf, a, e, s in zip(leaves, g, truth, scale):
                 leaf.autodiff = _compare(a, e, tol, s)
-        kinks = []
+        plans = [_fd_steps(p64, i) for i in range(len(leaves))]
+        moved = p64.J_batches(v64, [plan[0] for plan in plans])    # every leaf, one call
+        kinks, units = [], []
         for i, leaf in enumerate(leaves):
-            fdc, kink, unit = _finite_differences(p64, i, v64, g[i], scale[i], max(FD_TOL, tol))
+            fdc, kink, unit = _finite_differences(p64, i, g[i], scale[i], max(FD_TOL, tol),
+                                                  plans[i], moved[i])
             kinks.append(kink)
+            units.append(unit)
             if "finite_differences" in checks:
                 leaf.finite_differences = fdc
-            if "taylor" in checks:
-                leaf.taylor = fd.taylor(lambda dxs, i=i: p64.J_batch(i, v64, dxs), p64.leaves[i],
-                                        g64[i], unit, kink, seed + i)
+        if "taylor" in checks:
+            directions = [fd.taylor_steps(x, u, k, seed + i)
+                          for i, (x, u, k) in enumerate(zip(p64.leaves, units, kinks))]
+            moved = p64.J_batches(v64, [steps for _, steps in directions])
+            for leaf, out, gi, (d, _) in zip(leaves, moved, g64, directions):
+                leaf.taylor = fd.taylor_from(out, gi, d)
         wide = whole.float64_checks(p64, v64, g64, tol, checks, kinks)
         out_scale = fd.local_scale(lambda l, w: jax.tree.leaves(p64.call_compiled(l, reference is not None)),
                                    p64.leaves, v64, seed) if "primal" in checks else None
@@ -190,6 +198,30 @@ class _Problem:
         of ``dxs`` (``(comparands, shifts, *x.shape)``, one compiled call; ``differences.moved``)."""
         return _J_batch_jit(self.fn, self.argnums, i, self.args, list(self.leaves), v, dxs)
 
+    def J_batches(self, v, dxs_per_leaf) -> list:
+        """``J_batch`` of every leaf ``i`` at ``dxs_per_leaf[i]`` (the same number of shifts
+        for all). One compiled call for all the leaves when the shifts fit in
+        ``FLAT_SHIFT_LIMIT`` numbers: each leaf's shifts are laid out in the vector of all the
+        leaves (zero elsewhere: ``x + 0`` is ``x``, so the numbers are those of ``J_batch``),
+        and ``fn`` is compiled once instead of once per leaf. Otherwise leaf by leaf."""
+        sizes = [x.size for x in self.leaves]
+        comparands = [d.shape[0] for d in dxs_per_leaf]
+        shifts = dxs_per_leaf[0].shape[1]
+        if sum(comparands) * shifts * (sum(sizes) + self.out_size) > FLAT_SHIFT_LIMIT:
+            return [self.J_batch(i, v, d) for i, d in enumerate(dxs_per_leaf)]
+        starts = np.cumsum([0] + sizes)
+        rows = [jnp.zeros((c, shifts, sum(sizes)), d.dtype).at[..., a:b].set(
+                    d.reshape(c, shifts, b - a))
+                for c, d, a, b in zip(comparands, dxs_per_leaf, starts[:-1], starts[1:])]
+        out = _J_batch_flat(self.fn, self.argnums, self.args, list(self.leaves), v,
+                                jnp.concatenate(rows))
+        cuts = np.cumsum(comparands)[:-1]
+        return [tuple(part) for part in zip(*(np.split(np.asarray(a), cuts) for a in out))]
+
+    @functools.cached_property
+    def out_size(self) -> int:
+        return sum(int(np.prod(o.shape)) for o in jax.tree.leaves(self.out))
+
     def scalar(self, leaves, v):
         """J = ⟨v, fn(x)⟩."""
         return _inner(v, self.call(leaves))
@@ -240,14 +272,13 @@ def _J_batch_jit(fn, argnums, i, args, leaves, v, dxs):
     return jax.vmap(lambda d: fd.moved(jax.vmap(out)(d), base, v))(dxs)
 
 
-def _finite_differences(p: _Problem, i: int, v, g, scale, tol: float):
-    """Central differences of ``J = ⟨v, fn(x)⟩`` against the hand-written ``g`` (leaf ``i``),
-    per element ``s = e_j`` for leaves of up to ``PER_ELEMENT`` elements, else along random
-    directions, each at its best step on the ladder (``differences.central_differences``).
-    Kinks are left out. Returns the comparison, the kink mask (or None) and the unit of the
-    Taylor direction (the scale on which ``J`` varies, per element)."""
+def _fd_steps(p: _Problem, i: int):
+    """``(steps, h0, directions)`` of leaf ``i``'s finite differences: per element ``s = e_j``
+    for leaves of up to ``PER_ELEMENT`` elements (``directions`` None), else along random
+    directions; each at every step of the ladder, ``(comparands, ladder + probe, *x.shape)``."""
     x = p.leaves[i]
     mult = jnp.asarray(fd.ladder_and_probe(), x.dtype)
+    directions = None
     if x.size <= PER_ELEMENT:
         h0 = fd.base_step(x).reshape(-1)
         basis = jnp.eye(x.size, dtype=x.dtype) * jnp.asarray(h0, x.dtype)[:, None]
@@ -256,11 +287,37 @@ def _finite_differences(p: _Problem, i: int, v, g, scale, tol: float):
         h0 = np.full(_DIRECTIONS, fd.base_step(np.max(np.abs(np.asarray(x)))))
         basis = directions * jnp.asarray(h0, x.dtype)[:, None]
     steps = (basis[:, None, :] * mult[None, :, None]).reshape((len(basis), len(mult), *x.shape))
-    dJ, R, still = (np.asarray(a).T[:-1] for a in p.J_batch(i, v, steps))  # (ladder, comparands)
+    return steps, h0, directions
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _J_batch_flat(fn, argnums, args, leaves, v, dflat):
+    """``_J_batch_jit`` for shifts ``dflat (comparands, shifts, total)`` of all the leaves laid
+    end to end (``_Problem.J_batches``)."""
+    p = _Problem(fn, args, argnums, None, None, 0)
+    base = p.call(leaves)
+    flat = jnp.concatenate([x.reshape(-1) for x in leaves])
+    starts = np.cumsum([0] + [x.size for x in leaves])
+
+    def out(d):
+        moved = flat + d
+        return p.call([moved[a:b].reshape(x.shape) for x, a, b in zip(leaves, starts, starts[1:])])
+    return jax.vmap(lambda ds: fd.moved(jax.vmap(out)(ds), base, v))(dflat)
+
+
+def _finite_differences(p: _Problem, i: int, g, scale, tol: float, plan, moved):
+    """Central differences of ``J = ⟨v, fn(x)⟩`` against the hand-written ``g`` (leaf ``i``),
+    from ``moved`` (``J_batch`` at ``plan = _fd_steps(p, i)``), each at its best step on the
+    ladder (``differences.central_differences``). Kinks are left out. Returns the comparison,
+    the kink mask (or None) and the unit of the Taylor direction (the scale on which ``J``
+    varies, per element)."""
+    x = p.leaves[i]
+    _, h0, directions = plan
+    dJ, R, still = (np.asarray(a).T[:-1] for a in moved)   # (ladder, comparands)
     value, noise, kink, step = fd.central_differences(dJ, R, h0, still[0])
     g64 = np.asarray(g, np.float64)
     note = f"{int(kink.sum())} kink(s) left out" if kink.any() else ""
-    if x.size <= PER_ELEMENT:                    # per element: the worst index is exact
+    if directions is None:                       # per element: the worst index is exact
         kink = kink.reshape(x.shape)
         c = _compare(np.where(kink, 0.0, g64), np.where(kink, 0.0, value.reshape(x.shape)), tol,
                      scale, noise.reshape(x.shape))

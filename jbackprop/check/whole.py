@@ -196,7 +196,7 @@ def _tangents(p, k0, kinks):
 
 
 def _top_step(p) -> float:
-    return float(fd.base_step(max(float(jnp.max(jnp.abs(x))) for x in p.leaves)))
+    return float(fd.base_step(max(float(jnp.max(jnp.abs(x), initial=0.0)) for x in p.leaves)))
 
 
 def _adjoint(p, v, g, kinks):

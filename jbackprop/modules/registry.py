@@ -25,7 +25,8 @@ import numpy as np
 
 from jbackprop.modules import wiring
 
-FAMILIES = ("linear", "activations", "normalisation", "convolution", "losses", "models")
+FAMILIES = ("linear", "activations", "normalisation", "convolution", "pooling", "losses",
+            "attention", "regularisation", "models", "transformer")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -22,8 +22,8 @@ class Dataset(NamedTuple):
     y_train: np.ndarray
     x_test: np.ndarray
     y_test: np.ndarray
-    task: str                 # "classification" (integer labels) or "regression"
-    num_outputs: int          # classes, or regression targets
+    task: str                 # "classification" (integer labels), "regression" or "sequence"
+    num_outputs: int          # classes, regression targets, or the vocabulary (sequence)
     name: str
 
 
@@ -59,6 +59,27 @@ def housing(n: int = 256, seed: int = 0) -> Dataset:
     price = np.maximum(1.2 * size - 0.9, 0) + 0.05 * rng.standard_normal((n, 1)).astype(np.float32)
     cut = int(0.8 * n)
     return Dataset(size[:cut], price[:cut], size[cut:], price[cut:], "regression", 1, "housing")
+
+
+def sort(length: int = 6, num_digits: int = 5, test_fraction: float = 0.2) -> Dataset:
+    """minGPT's sorting demo: a sequence of ``length`` digits in ``0..num_digits−1``, then its
+    sorted version, predicted one digit at a time (a causal language model).
+
+    Every one of the ``num_digits ** length`` sequences is used once (15625 by default); a
+    fixed hash of each puts ``test_fraction`` of them in the held-out test set. An example is
+    ``x = [digits, sorted[:-1]]`` (``2·length − 1`` token ids) with the targets
+    ``y = [−1, …, −1, sorted]``: position ``length − 1 + i`` predicts ``sorted[i]``, and ``−1``
+    marks positions without a target (the unsorted prompt). Task ``"sequence"``: the
+    metric is the exact-sequence accuracy (every sorted digit right), which under teacher
+    forcing equals greedy generation's (a wrong digit is the first mistake either way).
+    """
+    seqs = np.indices((num_digits,) * length).reshape(length, -1).T.astype(np.int32)
+    ordered = np.sort(seqs, axis=1)
+    x = np.concatenate([seqs, ordered[:, :-1]], axis=1)
+    y = np.concatenate([np.full((len(seqs), length - 1), -1, np.int32), ordered], axis=1)
+    digest = [hashlib.sha256(s.tobytes()).digest()[0] for s in seqs]   # stable across runs
+    test = np.array(digest) < int(256 * test_fraction)
+    return Dataset(x[~test], y[~test], x[test], y[test], "sequence", num_digits, "sort")
 
 
 def from_npz(path: str) -> Dataset:
@@ -149,10 +170,11 @@ def describe(fp: dict) -> str:
 
 
 def load(name: str) -> Dataset:
-    """``digits``, ``xor``, ``housing``, or a path ending in ``.npz``."""
+    """``digits``, ``xor``, ``housing``, ``sort``, or a path ending in ``.npz``."""
     if name.endswith(".npz"):
         return from_npz(name)
-    loaders = {"digits": digits, "xor": xor, "housing": housing}
+    loaders = {"digits": digits, "xor": xor, "housing": housing, "sort": sort}
     if name not in loaders:
-        raise ValueError(f"unknown dataset {name!r}: choose digits, xor, housing or a PATH.npz")
+        raise ValueError(f"unknown dataset {name!r}: choose digits, xor, housing, sort or a "
+                         "PATH.npz")
     return loaders[name]()

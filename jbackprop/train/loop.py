@@ -30,8 +30,8 @@ SEED_MAX = 2**32 - 1                # jax.random.PRNGKey keeps 32 bits (without 
 @dataclasses.dataclass(frozen=True)
 class Config:
     """Everything that determines a run (a seed reproduces it exactly)."""
-    model: str = "mlp"              # mlp | resnet-s | cnn
-    dataset: str = "digits"         # digits | xor | housing | PATH.npz
+    model: str = "mlp"              # mlp | resnet-s | cnn | transformer
+    dataset: str = "digits"         # digits | xor | housing | sort | PATH.npz
     optimizer: str = "adam"         # sgd | momentum | adam
     lr: float = 1e-3
     batch_size: int = 32
@@ -39,7 +39,8 @@ class Config:
     seed: int = 0
     backward: str = "manual"        # manual | autodiff
     width: int = 256
-    depth: int = 3                  # ResNet-S blocks
+    depth: int = 3                  # ResNet-S blocks, Transformer blocks
+    heads: int = 4                  # Transformer attention heads (they divide the width)
     weight_decay: float = 1e-4
     input_noise: float = 0.6        # std of Gaussian noise added to training inputs
     schedule: str = "cosine"        # cosine | constant
@@ -48,7 +49,7 @@ class Config:
 
     def __post_init__(self):
         """Refuse numbers that cannot train, naming the field (the CLI's flags are these fields)."""
-        for name in ("epochs", "batch_size", "width", "depth", "model_parallel"):
+        for name in ("epochs", "batch_size", "width", "depth", "heads", "model_parallel"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be an integer ≥ 1, got {value!r}")
@@ -110,7 +111,24 @@ def make_model(cfg: Config, in_shape: tuple[int, ...], num_outputs: int):
         net = jb.conv_net(channels=16, k=3, num_classes=num_outputs, conv="2d" if image else "1d",
                           reference=not manual)
         return (lambda key: net.init(key, shape)), (lambda p, x: net.apply(p, x.reshape(shape)))
-    raise ValueError(f"unknown model {cfg.model!r}: choose mlp, resnet-s or cnn")
+    if cfg.model == "transformer":
+        if len(in_shape) != 1:
+            raise ValueError(f"the transformer takes sequences of token ids, shape (n,); these "
+                             f"examples have shape {in_shape}: use --dataset sort")
+        if cfg.width % cfg.heads:
+            raise ValueError(f"width {cfg.width} (the transformer's d_model) must be divisible "
+                             f"by heads {cfg.heads}")
+        n = in_shape[0]
+        return ((lambda key: jb.transformer_init(key, num_outputs, cfg.width, cfg.heads,
+                                                 cfg.depth, n)),
+                _pick(jb.transformer, manual))
+    raise ValueError(f"unknown model {cfg.model!r}: choose mlp, resnet-s, cnn or transformer")
+
+
+# What `jbackprop train --model transformer` uses for the flags it is not given (the Config
+# defaults suit the MLP on the digits): a small model that sorts in well under a minute.
+TRANSFORMER_DEFAULTS = {"width": 64, "depth": 2, "heads": 4, "epochs": 5, "lr": 3e-3,
+                        "batch_size": 64, "weight_decay": 0.0, "dataset": "sort"}
 
 
 def _pick(module: Callable, manual: bool) -> Callable:
@@ -119,13 +137,25 @@ def _pick(module: Callable, manual: bool) -> Callable:
 
 
 def make_loss(apply: Callable, task: str, backward: str) -> Callable:
-    """Mean over the batch of the per-example loss (cross-entropy or squared error, 7.2)."""
-    loss_module = jb.cross_entropy_loss if task == "classification" else jb.mse_loss
+    """Mean over the batch of the per-example loss (cross-entropy or squared error, 7.2; for a
+    sequence, the mean cross-entropy over the positions that have a target, ``y ≥ 0``)."""
+    loss_module = jb.mse_loss if task == "regression" else jb.cross_entropy_loss
     per_example = _pick(loss_module, backward == "manual")
+    if task == "sequence":
+        per_example = _sequence_loss(jax.vmap(per_example))
 
     def loss(p, x, y):
         _check_examples(x, y, "loss")
         return jnp.mean(jax.vmap(lambda x, y: per_example(apply(p, x), y))(x, y))
+    return loss
+
+
+def _sequence_loss(per_position: Callable) -> Callable:
+    """Logits ``(n, vocab)`` and targets ``(n,)`` (−1: none) → the mean over the targets."""
+    def loss(logits, y):
+        has = y >= 0
+        values = per_position(logits, jnp.where(has, y, 0))
+        return jnp.sum(jnp.where(has, values, 0)) / jnp.maximum(jnp.sum(has), 1)
     return loss
 
 
@@ -236,9 +266,13 @@ def per_example_grads(loss: Callable, params: Any, x: jax.Array, y: jax.Array,
 
 def evaluate(apply: Callable, params: Any, x: jax.Array, y: jax.Array, task: str,
              backward: str = "manual") -> tuple[jax.Array, jax.Array]:
-    """Mean loss and accuracy (classification) or root-mean-square error (regression)."""
+    """Mean loss and accuracy (classification), root-mean-square error (regression) or
+    exact-sequence accuracy (sequence: every position with a target right)."""
     out = jax.vmap(lambda xi: apply(params, xi))(x)
     loss = make_loss(lambda p, xi: apply(p, xi), task, backward)(params, x, y)
     if task == "classification":
         return loss, jnp.mean(jnp.argmax(out, -1) == y)
+    if task == "sequence":
+        right = (jnp.argmax(out, -1) == y) | (y < 0)
+        return loss, jnp.mean(jnp.all(right, axis=-1))
     return loss, jnp.sqrt(jnp.mean((out - y) ** 2))

@@ -119,6 +119,13 @@ def fit(cfg: Config, out_dir: str, resume: bool = False, progress: bool = True,
     x, y = jnp.asarray(ds.x_train), jnp.asarray(ds.y_train)
     if cfg.batch_size < 1 or cfg.batch_size > len(x):
         raise ValueError(f"batch_size must be in 1..{len(x)} (the training set), got {cfg.batch_size}")
+    if (ds.task == "sequence") != (cfg.model == "transformer"):
+        raise ValueError(f"the {cfg.model} does not train on {ds.name} ({ds.task} task): the "
+                         "transformer trains on sequences of token ids (--dataset sort), the "
+                         "other models on feature vectors")
+    if ds.task == "sequence" and cfg.input_noise:
+        raise ValueError(f"input_noise must be 0 for token ids (the {ds.name} dataset), got "
+                         f"{cfg.input_noise}")
     init, apply = make_model(cfg, ds.x_train.shape[1:], ds.num_outputs)
     os.makedirs(out_dir, exist_ok=True)     # the arguments and the data are good: work starts
     for stale in glob.glob(glob.escape(ckpt) + ".tmp-*"):   # from a process killed mid-write
@@ -151,7 +158,7 @@ def fit(cfg: Config, out_dir: str, resume: bool = False, progress: bool = True,
                                                     cfg.input_noise)
         epoch_fn = lambda s, k: mp_epoch(s, x, y, k)
     eval_fn = jax.jit(lambda p, xs, ys: evaluate(apply, p, xs, ys, ds.task, cfg.backward))
-    metric = "accuracy" if ds.task == "classification" else "rmse"
+    metric = "rmse" if ds.task == "regression" else "accuracy"
     bar = _progress(cfg.epochs, int(state.epoch), progress)
     try:
         while int(state.epoch) < cfg.epochs:
