@@ -133,8 +133,9 @@ def _cost(compiled) -> dict:
 
 def _max_rel_diff(a, b) -> float:
     """max |a − b| / max |b| over all leaves: the two versions compute the same gradient."""
-    num = max(float(jnp.max(jnp.abs(x - y))) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
-    den = max(float(jnp.max(jnp.abs(y))) for y in jax.tree.leaves(b))
+    num = max(float(jnp.max(jnp.abs(x - y), initial=0.0))
+              for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+    den = max(float(jnp.max(jnp.abs(y), initial=0.0)) for y in jax.tree.leaves(b))
     return num / max(den, 1e-30)
 
 
