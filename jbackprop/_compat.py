@@ -7,6 +7,10 @@ only this file changes.
 * ``Primitive``, ``ad``, ``batching``, ``mlir``: defining the ``jbackprop_call`` and
   ``jbackprop_linear`` primitives (``jbackprop.modules.rules``): JVP, transpose and batching
   rules and lowering (``ad.Zero``, ``ad.instantiate_zeros``, ``ad.is_undefined_primal``).
+* ``def_batcher``: a batching rule that is told which ``jax.vmap`` axis it batches (its name,
+  its ``spmd_axis_name`` and its size: ``batching.fancy_primitive_batchers``), so that the
+  rules vmapped inside it can bind the same name (``batch_norm``'s ``lax.pmean`` over
+  ``axis_name``); ``core.no_axis_name`` is the name of an unnamed ``jax.vmap``.
 * ``Tracer``: telling a traced value from a concrete one (labels are range-checked only when
   concrete).
 * ``shaped_array``: the abstract value of one output of the primitive.
@@ -37,7 +41,8 @@ from jax.interpreters import ad, batching, mlir
 OLDEST_TESTED_JAX = "0.7.0"
 
 __all__ = ["Primitive", "ad", "batching", "mlir", "Tracer", "shaped_array", "custom_vjp_rules",
-           "set_custom_vjp_rules", "OLDEST_TESTED_JAX", "weakly_typed", "enable_x64", "varying_axes", "mark_varying",
+           "set_custom_vjp_rules", "OLDEST_TESTED_JAX", "def_batcher", "weakly_typed",
+           "enable_x64", "varying_axes", "varying_axes_of_aval", "mark_varying",
            "explicit_sharding"]
 
 
@@ -53,6 +58,19 @@ def shaped_array(struct, like=None) -> ShapedArray:
         return aval.update(sharding=NamedSharding(like.sharding.mesh, PartitionSpec()),
                            manual_axis_type=like.manual_axis_type)
     return aval.update(vma=like.vma)                                   # JAX 0.7–0.9
+
+
+def def_batcher(prim, rule) -> None:
+    """Batch ``prim`` by ``rule(args, dims, size, axis, **params) -> (outs, out_dims)``, where
+    ``axis = (name, spmd_axis_name)`` of the ``jax.vmap`` (``name`` ``None`` when unnamed) and
+    ``dims`` may all be ``None`` (nothing batched: the rule decides)."""
+    from jax._src import core as jax_core
+    unnamed = getattr(jax_core, "no_axis_name", None)
+
+    def fancy(axis_data, args, dims, **params):
+        name = None if axis_data.name is unnamed else axis_data.name
+        return rule(args, dims, axis_data.size, (name, axis_data.spmd_name), **params)
+    batching.fancy_primitive_batchers[prim] = fancy
 
 
 def custom_vjp_rules(core):

@@ -58,6 +58,15 @@ def layer_norm(params, z, eps=1e-5):
     return params["beta"] + params["gamma"] * layer_norm_s(z, eps)
 
 
+def batch_norm(params, z, eps=1e-5, axis_name=None):
+    """β + γ (z − μ)/sqrt(σ² + ε), μ and σ² over all axes but the last (and ``axis_name``)."""
+    def mean(a):
+        m = jnp.mean(a, axis=tuple(range(a.ndim - 1)))
+        return m if axis_name is None else jax.lax.pmean(m, axis_name)
+    mu = mean(z)
+    return params["beta"] + params["gamma"] * (z - mu) / jnp.sqrt(mean((z - mu) ** 2) + eps)
+
+
 def rms_norm(params, z, eps=1e-6):
     """γ z / sqrt(mean(z²) + ε) over the last axis."""
     return params["gamma"] * z / jnp.sqrt(jnp.mean(z ** 2, axis=-1, keepdims=True) + eps)

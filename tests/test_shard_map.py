@@ -30,12 +30,6 @@ def _measure():
     return json.loads(run.stdout.strip().splitlines()[-1])
 
 
-# Not yet: the poolings (their backward's scatter and residual types inside shard_map) and
-# embedding (its gather on an Explicit mesh needs an out_sharding), so the Transformer too.
-# docs/scaling.md says so; the script still measures them.
-NOT_YET = {"max_pool1d", "avg_pool1d", "max_pool2d", "avg_pool2d", "embedding", "transformer"}
-
-
 def test_every_module_inside_shard_map_and_on_an_explicit_mesh():
     """One test, so that ``pytest -n 2`` starts the 4-device process once; a failure lists every
     case that failed, with its measurements or its exception."""
@@ -43,7 +37,7 @@ def test_every_module_inside_shard_map_and_on_an_explicit_mesh():
     names = [c.name for c in cases()]
     assert sorted(measured) == sorted(names)
     failed = {}
-    for name in (c.name for c in cases() if c.declaration.name not in NOT_YET):
+    for name in names:
         r = measured[name]
         if "error" in r or "explicit_error" in r or not (
                 r["vs_one_device"] < 1e-12 and r["vs_reference"] < 1e-12

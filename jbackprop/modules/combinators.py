@@ -19,19 +19,25 @@ import jax.numpy as jnp
 from jbackprop.modules import registry
 from jbackprop.modules.convolution import conv1d, conv2d
 from jbackprop.modules.linear import mm
-from jbackprop.modules.normalisation import layer_norm
+from jbackprop.modules.normalisation import batch_norm, layer_norm
 
 Shape = Sequence[int]
 
 
 class Layer(NamedTuple):
-    """``init(key, in_shape) -> params`` beside ``apply(params, x) -> y`` (one example)."""
+    """``init(key, in_shape) -> params`` beside ``apply(params, x) -> y`` (one example).
+
+    ``output_shape(in_shape)``, when given, is the per-example output shape of a layer that
+    cannot be traced on one example alone (``BatchNorm`` needs its named ``jax.vmap``)."""
     init: Callable[[jax.Array, Shape], Any]
     apply: Callable[[Any, jax.Array], jax.Array]
+    output_shape: Callable[[Shape], tuple[int, ...]] | None = None
 
 
 def out_shape(layer: Layer, params: Any, in_shape: Shape, dtype=jnp.float32) -> tuple[int, ...]:
     """The per-example output shape of ``layer`` (traced with ``jax.eval_shape``, no compute)."""
+    if layer.output_shape is not None:
+        return tuple(layer.output_shape(tuple(in_shape)))
     return jax.eval_shape(layer.apply, params, jax.ShapeDtypeStruct(tuple(in_shape), dtype)).shape
 
 
@@ -98,6 +104,17 @@ def LayerNorm(*, eps: float = 1e-5, per_feature: bool = True, dtype=jnp.float32,
     return Layer(init, lambda params, x: ln(params, x, eps=eps))
 
 
+def BatchNorm(axis_name: Any = "batch", *, eps: float = 1e-5, dtype=jnp.float32,
+              reference: bool = False) -> Layer:
+    """Batch norm of one example across ``jax.vmap(apply, axis_name=axis_name)``: apply the
+    model under that vmap (training-mode statistics; ``jb.batch_norm``). Params ``β``, ``γ``
+    per feature (the last axis)."""
+    def init(key, in_shape):
+        return {"beta": jnp.zeros(in_shape[-1:], dtype), "gamma": jnp.ones(in_shape[-1:], dtype)}
+    bn = _pick(batch_norm, reference)
+    return Layer(init, lambda params, x: bn(params, x, eps=eps, axis_name=axis_name), tuple)
+
+
 def _Conv(conv, spatial: int, out_channels: int, k: int, dtype, reference: bool) -> Layer:
     def init(key, in_shape):
         if len(in_shape) != spatial + 1:
@@ -159,7 +176,7 @@ def _generated() -> dict[str, Callable[[], Layer]]:
             if d.layer is not None and d.layer not in _HAND_WRITTEN}
 
 
-_HAND_WRITTEN = ("Dense", "LayerNorm", "Conv1D", "Conv2D")
+_HAND_WRITTEN = ("Dense", "LayerNorm", "BatchNorm", "Conv1D", "Conv2D")
 
 
 def __getattr__(name: str) -> Layer:

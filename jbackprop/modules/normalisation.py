@@ -1,5 +1,5 @@
-"""Layer normalisation LN-S and LN (notes 7.40–7.47), and RMSNorm; derivations in
-docs/normalisation.md.
+"""Layer normalisation LN-S and LN (notes 7.40–7.47), RMSNorm and batch normalisation;
+derivations in docs/normalisation.md.
 
 Over the last axis of ``z ∈ R^m`` (any leading axes are independent rows):
 
@@ -16,6 +16,9 @@ to the parameter ``γ``, which is an input and allocates nothing. ``z``, ``μ̂`
 not kept. The statistics are computed in at least float32 (two-pass: the mean first, then the
 mean of squared deviations), so bfloat16/float16 inputs do not lose the variance; outputs and
 cotangents have the dtypes of the inputs.
+
+Batch normalisation is the same calculus with the means taken over the batch (every axis but
+the features, and across ``jax.vmap``'s ``axis_name`` by ``lax.pmean``) instead of the row.
 """
 from __future__ import annotations
 
@@ -31,24 +34,25 @@ from jbackprop.modules.rules import custom_rules
 from jbackprop.modules.wiring import apply
 
 # The public modules, re-exported by jbackprop.
-__all__ = ["layer_norm_s", "layer_norm", "rms_norm"]
+__all__ = ["layer_norm_s", "layer_norm", "rms_norm", "batch_norm"]
+
+_row_mean = functools.partial(jnp.mean, axis=-1, keepdims=True)   # LN's mean: over the row
 
 
-def _standardise(z, eps):
-    """``x̂`` in ``z``'s dtype, and ``1/σ̂`` (keepdims) in at least float32."""
+def _standardise(z, eps, mean=_row_mean):
+    """``x̂`` in ``z``'s dtype, and ``1/σ̂`` in at least float32 (``mean`` keeps its axes)."""
     zc = z.astype(jnp.promote_types(z.dtype, jnp.float32))
-    d = zc - jnp.mean(zc, axis=-1, keepdims=True)                      # z − μ̂ (two-pass)
-    r = jax.lax.rsqrt(jnp.mean(d * d, axis=-1, keepdims=True) + eps)  # 1/σ̂
+    d = zc - mean(zc)                                 # z − μ̂ (two-pass)
+    r = jax.lax.rsqrt(mean(d * d) + eps)              # 1/σ̂
     return (d * r).astype(z.dtype), r
 
 
-def _z_bar(g, xhat, r):
+def _z_bar(g, xhat, r, mean=_row_mean):
     """B[LN-S, z](g) = (1/σ̂)(g − mean(g) − x̂ · mean(g ⊙ x̂)), row by row; in ``x̂``'s dtype.
 
     LN-S's Jacobian ``(1/σ̂)(I − 𝟙𝟙ᵀ/m − x̂x̂ᵀ/m)`` is symmetric, so this is its JVP ``J ż``
-    too (with ``g = ż``)."""
+    too (with ``g = ż``). With ``mean`` over the batch it is batch norm's (BN-S's)."""
     g, x = g.astype(r.dtype), xhat.astype(r.dtype)
-    mean = functools.partial(jnp.mean, axis=-1, keepdims=True)
     return (r * (g - mean(g) - x * mean(g * x))).astype(xhat.dtype)
 
 
@@ -307,3 +311,114 @@ declare(rms_norm, core=_rms_norm, num_arrays=2, reference=reference.rms_norm,
         backward="`r (g − x̂ mean(g⊙x̂))`, `g = γ⊙v`; `Σ v⊙x̂`",
         tangent="`γ̇ x̂ + γ r (ż − x̂ mean(ż⊙x̂))`", layer="RMSNorm",
         init=lambda key, in_shape, dtype: {"gamma": jnp.ones(in_shape[-1:], dtype)})
+
+
+# --- BN(z) = β + γ x̂, with the statistics of the batch -------------------------------------------
+def _over_batch(axis_name):
+    """Batch norm's mean: over every axis of ``a`` but the last (the features) and, when
+    ``axis_name`` is set, across that ``jax.vmap`` axis too (``lax.pmean``)."""
+    def mean(a):
+        local = jnp.mean(a, axis=tuple(range(a.ndim - 1)))
+        return local if axis_name is None else jax.lax.pmean(local, axis_name)
+    return mean
+
+
+@functools.partial(custom_rules, nondiff_argnames=("eps", "axis_name"))
+def _batch_norm(params, z, eps, axis_name):
+    return params["beta"] + params["gamma"] * _standardise(z, eps, _over_batch(axis_name))[0]
+
+
+def _batch_norm_fwd(params, z, eps, axis_name):
+    xhat, r = _standardise(z, eps, _over_batch(axis_name))   # XLA CSEs them with the core's
+    return _batch_norm(params, z, eps, axis_name), (xhat, r, params["gamma"])  # x̂, 1/σ̂ (γ)
+
+
+def _batch_norm_bwd(eps, axis_name, res, v):
+    xhat, r, gamma = res
+    lead = tuple(range(v.ndim - 1))                   # this call's examples; under jax.vmap the
+    gamma_bar = jnp.sum(v * xhat, axis=lead)          # sums over the mapped axis are JAX's
+    beta_bar = jnp.sum(v, axis=lead)                  # (the transpose of γ's, β's broadcast)
+    z_bar = _z_bar(gamma * v, xhat, r, _over_batch(axis_name))    # pmean(v), pmean(v ⊙ x̂) inside
+    return {"beta": beta_bar.astype(gamma.dtype), "gamma": gamma_bar.astype(gamma.dtype)}, z_bar
+
+
+def _batch_norm_jvp(eps, axis_name, res, params_dot, z_dot):
+    xhat, r, gamma = res                              # β̇ + γ̇ ⊙ x̂ + γ ⊙ J_BN-S ż
+    z_term = _z_bar(z_dot, xhat, r, _over_batch(axis_name))
+    return params_dot["beta"] + params_dot["gamma"] * xhat + gamma * z_term
+
+
+_batch_norm.defrules(_batch_norm_fwd, _batch_norm_bwd, _batch_norm_jvp)
+
+
+def batch_norm(params, z, eps=1e-5, axis_name=None):
+    r"""Batch normalisation (training mode): ``β + γ ⊙ x̂``, ``x̂`` standardised over the batch.
+
+    Feature by feature, with ``mean`` over the batch (every axis of ``z`` but the last, and
+    across the ``jax.vmap`` axis ``axis_name`` when given), ``σ̂ = sqrt(mean((z − μ̂)²) + ε)``:
+
+    .. math::
+        B[\mathrm{BN}, z](v) = \tfrac{1}{\hat\sigma}\big(g - \mathrm{mean}(g)
+            - \hat x\,\mathrm{mean}(g \odot \hat x)\big),\ g = \gamma \odot v; \quad
+        B[\mathrm{BN}, \gamma](v) = \textstyle\sum v \odot \hat x; \quad
+        B[\mathrm{BN}, \beta](v) = \textstyle\sum v.
+
+    Both rules hold ``lax.pmean`` over ``axis_name``: every example's ``z̄`` sees the whole
+    batch's ``v``. Residuals: ``x̂``, ``1/σ̂`` (one per feature) and a reference to ``γ``.
+    There are no running statistics: evaluation batches are normalised with their own
+    statistics (``docs/normalisation.md`` shows how to fold fixed ones into γ and β).
+
+    Args:
+      params: ``{"beta": (m,), "gamma": (m,)}``.
+      z: a batch ``(N, ..., m)`` (statistics over all axes but the last) when ``axis_name`` is
+        ``None``; under ``jax.vmap(..., axis_name=name)`` with ``axis_name=name``, one example
+        ``(..., m)``, its statistics taken across the mapped axis (and its own leading axes).
+      eps: static ``ε ≥ 0`` added to the variance.
+      axis_name: ``None``, or the name of an enclosing ``jax.vmap`` (or ``shard_map``) axis.
+
+    Returns:
+      The shape of ``z``, in the promoted dtype of ``params`` and ``z``.
+
+    Raises:
+      TypeError / ValueError: wrong keys or shapes of ``params``; ``z`` not floating, of rank 0,
+        or without a batch axis when ``axis_name`` is ``None``; ``axis_name`` not bound by an
+        enclosing ``jax.vmap``; ``eps`` not a number ``≥ 0``.
+    """
+    p = arguments.params_dict(params, "params", ("beta", "gamma"))
+    z, eps = _z_and_eps(z, eps, "batch_norm")
+    _batch_axes(z, axis_name)
+    for k in ("beta", "gamma"):
+        if p[k].shape != z.shape[-1:]:
+            raise ValueError(f"batch_norm: params[{k!r}] must have shape ({z.shape[-1]},) (one "
+                             f"per feature of z, shape {z.shape}), got {p[k].shape}")
+    params, z = arguments.promote(p, z)
+    return apply(_batch_norm, params, z, eps=eps, axis_name=axis_name)
+
+
+def _batch_axes(z, axis_name):
+    """There is a batch to take statistics over: ``z``'s leading axes or a named vmap axis."""
+    if axis_name is None:
+        if z.ndim < 2 or 0 in z.shape[:-1]:
+            raise ValueError(f"batch_norm: z of shape {z.shape} has no batch to take statistics "
+                             "over: pass a batch z of shape (N, ..., m), N ≥ 1, or call it per "
+                             "example under jax.vmap(..., axis_name=name) with axis_name=name")
+        return
+    try:
+        jax.lax.axis_size(axis_name)
+    except NameError:
+        raise ValueError(f"batch_norm: axis_name={axis_name!r} is not the name of an enclosing "
+                         f"jax.vmap axis: call it under jax.vmap(..., axis_name={axis_name!r}), "
+                         "or pass axis_name=None with a batch z") from None
+
+
+declare(batch_norm, core=_batch_norm, num_arrays=2, reference=reference.batch_norm,
+        examples=lambda rng: [({"beta": normal(rng, 5), "gamma": normal(rng, 5)},
+                               normal(rng, 8, 5, scale=2.0) + 0.7),
+                              ({"beta": normal(rng, 6), "gamma": normal(rng, 6)},
+                               normal(rng, 4, 3, 6) - 0.4)],
+        family="normalisation", section="batchnorm", batch_axes=False,
+        shapes="`{\"beta\": (m,), \"gamma\": (m,)}`, `z (N, ..., m)` or per example with "
+               "`axis_name`",
+        backward="as LN with means over the batch (`pmean`)", tangent="`β̇ + γ̇ x̂ + γ ⊙ J_BN-S ż`",
+        layer="BatchNorm",
+        init=_per_feature_init)

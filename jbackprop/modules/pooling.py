@@ -27,7 +27,7 @@ from jbackprop import reference
 from jbackprop.modules import arguments
 from jbackprop.modules.registry import declare, normal
 from jbackprop.modules.rules import custom_rules
-from jbackprop.modules.wiring import apply
+from jbackprop.modules.wiring import apply, sharded_like
 
 # The public modules, re-exported by jbackprop.
 __all__ = ["max_pool1d", "avg_pool1d", "max_pool2d", "avg_pool2d"]
@@ -70,7 +70,10 @@ def _maxima(z, window, stride):
     zf, lead = _batch_flat(z, dims)                   # (B, S, C)
     windows = zf[:, idx, :]                           # (B, L, K, C)
     first = jnp.argmax(windows, axis=2)               # the first maximal position in a window
-    pos = jnp.asarray(idx)[jnp.arange(idx.shape[0])[:, None], first]    # (B, L, C) in 0..S−1
+    # its flat position in 0..S−1, (B, L, C): the window's start idx[l, 0] plus the offset of
+    # row-major entry ``first`` of a window (arithmetic, not a gather: sharding-neutral)
+    offset = (first // window[-1]) * spatial[-1] + first % window[-1]
+    pos = jnp.asarray(idx[:, 0])[:, None] + offset
     u = jnp.take_along_axis(zf, pos, axis=1)
     return u.reshape(_out_shape(lead, spatial, window, stride, z.shape[-1])), pos
 
@@ -92,7 +95,8 @@ def _max_pool_bwd(window, stride, res, v):
     vf = v.reshape(pos.shape)
     B, _, C = pos.shape
     z_bar = jnp.zeros((B, math.prod(z_shape) // (B * C), C), v.dtype)
-    z_bar = z_bar.at[jnp.arange(B)[:, None, None], pos, jnp.arange(C)].add(vf)
+    z_bar = z_bar.at[jnp.arange(B)[:, None, None], pos, jnp.arange(C)].add(
+        vf, **sharded_like(vf))                       # (explicit meshes: laid out as v)
     return (z_bar.reshape(z_shape),)
 
 
@@ -136,7 +140,8 @@ def _avg_pool_bwd(window, stride, size, v):
     spread = jnp.broadcast_to(vf[:, :, None, :] / idx.shape[1],         # v_l / K, K times
                               (vf.shape[0], *idx.shape, vf.shape[-1]))
     z_bar = jnp.zeros((vf.shape[0], math.prod(z_shape[-dims - 1:-1]), vf.shape[-1]), v.dtype)
-    return (z_bar.at[:, idx, :].add(spread).reshape(z_shape),)          # Σ over the windows
+    z_bar = z_bar.at[:, idx, :].add(spread, **sharded_like(vf))        # Σ over the windows
+    return (z_bar.reshape(z_shape),)
 
 
 def _avg_pool_jvp(window, stride, size, z_dot):

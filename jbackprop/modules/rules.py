@@ -24,8 +24,9 @@ JVP for its tangent inputs and JAX's derivative of the rule's arithmetic for its
 
 Batching. ``jbackprop_call`` under ``jax.vmap`` runs the same function on the whole batch when
 the batched arguments are declared to take leading batch axes (``batch_argnums``); otherwise,
-and for ``jbackprop_linear``, the rules themselves are vmapped (``_Vmapped``): still the
-hand-written rules, batched by JAX.
+and for ``jbackprop_linear``, the rules themselves are vmapped (``Vmapped``): still the
+hand-written rules, batched by JAX, under the ``axis_name`` of the user's ``jax.vmap`` (so
+collectives in the rules, ``lax.pmean`` over a hyper-parameter ``axis_name``, see the batch).
 
 Rule signatures (those of ``custom_vjp``, plus the JVP)::
 
@@ -45,8 +46,10 @@ import jax
 import jax.numpy as jnp
 from jax import tree_util
 
-from jbackprop._compat import (Primitive, ad, batching, explicit_sharding, mlir, shaped_array,
-                               weakly_typed)
+from jbackprop._compat import (Primitive, ad, def_batcher, explicit_sharding, mlir, shaped_array,
+                               varying_axes_of_aval, weakly_typed)
+from jbackprop.modules.vmapped import (Hashable, Vmapped, broadcast_first, flat_cotangents,
+                                       names_axis, vmap_under)
 
 __all__ = ["custom_rules"]
 
@@ -130,17 +133,7 @@ def _bind(rules, arrays: Sequence[Any], hyper: dict):
     return tree_util.tree_unflatten(tree_util.tree_structure(out_tree), outs)
 
 
-class _Hashable:
-    """Hashable by the tuple ``_key()``: the static parameter of a primitive."""
-
-    def __hash__(self):
-        return hash(self._key())
-
-    def __eq__(self, other):
-        return type(other) is type(self) and self._key() == other._key()
-
-
-class _Static(_Hashable):
+class _Static(Hashable):
     """The static parameter of one ``jbackprop_call``: the rules, hyper-parameters and the
     tree of the array arguments (and which leaves take leading batch axes)."""
 
@@ -171,8 +164,14 @@ _call_p.multiple_results = True
 def _call_abstract_eval(*avals, call: _Static):
     structs = [jax.ShapeDtypeStruct(a.shape, a.dtype, weak_type=a.weak_type,
                                     **_explicit(a)) for a in avals]
-    return [shaped_array(o, avals[0] if avals else None).update(**_explicit(o))
+    return [shaped_array(o, _most_varying(avals)).update(**_explicit(o))
             for o in jax.eval_shape(call, *structs)]
+
+
+def _most_varying(avals):
+    """Inside ``shard_map``: the input that varies along the most mesh axes (the outputs vary
+    as it does; a zero-byte shape residual or a replicated parameter does not vary)."""
+    return max(avals, key=lambda a: len(varying_axes_of_aval(a)), default=None)
 
 
 def _explicit(aval) -> dict:
@@ -202,9 +201,14 @@ def _call_jvp(primals, tangents, *, call: _Static):
     return out_leaves, _lin_p.bind(*res_leaves, *tangents, lin=lin)
 
 
-def _call_batch(args, dims, *, call: _Static):
-    size = next(a.shape[d] for a, d in zip(args, dims) if d is not None)
-    if all(d is None or ok for d, ok in zip(dims, call.batchable)):
+def _call_batch(args, dims, size, axis, *, call: _Static):
+    uses_axis = names_axis(call, axis)
+    if all(d is None for d in dims):
+        if not uses_axis:
+            outs = _call_p.bind(*args, call=call)
+            return outs, [None] * len(outs)
+        args, dims = broadcast_first(args, dims, size)
+    if not uses_axis and all(d is None or ok for d, ok in zip(dims, call.batchable)):
         # Only arguments with leading batch axes are batched: one call on the whole batch.
         lead = [jnp.moveaxis(a, d, 0) if d is not None
                 else jnp.broadcast_to(a, (size, *a.shape)) if ok else a
@@ -213,7 +217,7 @@ def _call_batch(args, dims, *, call: _Static):
     else:  # e.g. vmap over the parameters: the rules themselves, vmapped
         axes = tuple(None if d is None else 0 for d in dims)
         moved = [a if d is None else jnp.moveaxis(a, d, 0) for a, d in zip(args, dims)]
-        batched = _Static(_Vmapped(call, axes), (), call.in_tree, (False,) * len(args))
+        batched = _Static(Vmapped(call, axes, axis), (), call.in_tree, (False,) * len(args))
         outs = _call_p.bind(*moved, call=batched)
     return outs, [0] * len(outs)
 
@@ -221,16 +225,16 @@ def _call_batch(args, dims, *, call: _Static):
 _call_p.def_impl(lambda *flat, call: call(*flat))
 _call_p.def_abstract_eval(_call_abstract_eval)
 ad.primitive_jvps[_call_p] = _call_jvp
-batching.primitive_batchers[_call_p] = _call_batch
+def_batcher(_call_p, _call_batch)
 mlir.register_lowering(_call_p, mlir.lower_fun(lambda *f, call: call(*f), multiple_results=True))
 
 
 # --- jbackprop_linear: the tangent map, J ż by the JVP rule, Jᵀ v by the backward --------------
-class _Linear(_Hashable):
+class _Linear(Hashable):
     """The static parameter of one ``jbackprop_linear``: the call it linearises, the trees of
     its residuals and output, the output's (shape, dtype)s, and ``levels``: one
-    ``(residual axes, tangent axes, size)`` per ``jax.vmap`` around it (axes 0 or None per
-    leaf), innermost first."""
+    ``(residual axes, tangent axes, size, axis)`` per ``jax.vmap`` around it (axes 0 or None per
+    leaf; ``axis`` the vmap's ``(axis_name, spmd_axis_name)``), innermost first."""
 
     def __init__(self, call, res_tree, out_tree, outs, levels):
         self.call, self.res_tree, self.out_tree = call, res_tree, out_tree
@@ -240,7 +244,7 @@ class _Linear(_Hashable):
         return (self.call, self.res_tree, self.out_tree, self.outs, self.levels)
 
     def __repr__(self):
-        return f"J[{self.call!r}]" + "".join(f"vmap{size}" for _, _, size in self.levels)
+        return f"J[{self.call!r}]" + "".join(f"vmap{level[2]}" for level in self.levels)
 
     @property
     def num_res(self):
@@ -255,15 +259,15 @@ class _Linear(_Hashable):
 
     def shapes(self):
         """The output's (shape, dtype)s with every batch level."""
-        sizes = tuple(size for _, _, size in reversed(self.levels))
+        sizes = tuple(level[2] for level in reversed(self.levels))
         return [((*sizes, *s), d, weak, None if sizes else sharding)
                 for s, d, weak, sharding in self.outs]
 
     def tangent(self, res, dots):
         """``J ż``: the hand-written JVP, vmapped once per level."""
         if self.levels:
-            res_axes, dot_axes, _ = self.levels[-1]
-            return jax.vmap(self.inner().tangent, in_axes=(list(res_axes), list(dot_axes)))(res, dots)
+            res_axes, dot_axes, _, axis = self.levels[-1]
+            return vmap_under(self.inner().tangent, (list(res_axes), list(dot_axes)), axis)(res, dots)
         call = self.call
         out_dot = call.rules.jvp(*call.hyper_values(), self.res_tree.unflatten(res),
                                  *call.arrays(dots))
@@ -274,25 +278,13 @@ class _Linear(_Hashable):
         """``Jᵀ v``: the hand-written backward, vmapped once per level (the cotangent of an
         unbatched tangent summed over the batch: the transpose of its broadcast)."""
         if self.levels:
-            res_axes, dot_axes, _ = self.levels[-1]
-            cts = jax.vmap(self.inner().cotangent, in_axes=(list(res_axes), 0))(res, v)
+            res_axes, dot_axes, _, axis = self.levels[-1]
+            cts = vmap_under(self.inner().cotangent, (list(res_axes), 0), axis)(res, v)
             return [ct if ct is None or d == 0 else ct.sum(0) for ct, d in zip(cts, dot_axes)]
         call = self.call
-        return _flat_cotangents(call, call.rules.bwd(*call.hyper_values(),
+        return flat_cotangents(call, call.rules.bwd(*call.hyper_values(),
                                                      self.res_tree.unflatten(res),
                                                      self.out_tree.unflatten(v)))
-
-
-def _flat_cotangents(call: _Static, bars) -> list:
-    """The backward's tuple of cotangents (one pytree or ``None`` per array argument) as one
-    list per leaf of the arguments (``None``: no cotangent, e.g. an integer label)."""
-    trees = [tree_util.tree_structure(a) for a in call.arrays([0] * call.in_tree.num_leaves)]
-    if not isinstance(bars, (tuple, list)) or len(bars) != len(trees):
-        raise TypeError(f"{call.rules.__name__}: the backward must return a tuple of "
-                        f"{len(trees)} cotangent(s), one per array argument; got "
-                        f"{type(bars).__name__}")
-    return [ct for bar, tree in zip(bars, trees)
-            for ct in (tree.flatten_up_to(bar) if bar is not None else [None] * tree.num_leaves)]
 
 
 def _checked(rules, rule, what, leaves, expected):
@@ -310,7 +302,7 @@ _lin_p.multiple_results = True
 
 
 def _lin_abstract_eval(*avals, lin: _Linear):
-    like = avals[0] if avals else None
+    like = _most_varying(avals)
     avals = [(shaped_array(jax.ShapeDtypeStruct(s, d, weak_type=weak), like), sharding)
              for s, d, weak, sharding in lin.shapes()]
     # on a mesh with Explicit axes: the tangent is sharded as the output (``_call_jvp``)
@@ -344,12 +336,16 @@ def _lin_jvp(primals, tangents, *, lin: _Linear):
     return out, out_dot
 
 
-def _lin_batch(args, dims, *, lin: _Linear):
+def _lin_batch(args, dims, size, axis, *, lin: _Linear):
+    if all(d is None for d in dims):
+        if not names_axis(lin.call, axis):
+            outs = _lin_p.bind(*args, lin=lin)
+            return outs, [None] * len(outs)
+        args, dims = broadcast_first(args, dims, size)
     res_dims, dot_dims = lin.split(dims)
     moved = [a if d is None else jnp.moveaxis(a, d, 0) for a, d in zip(args, dims)]
-    size = next(a.shape[d] for a, d in zip(args, dims) if d is not None)
     level = (tuple(None if d is None else 0 for d in res_dims),
-             tuple(None if d is None else 0 for d in dot_dims), size)
+             tuple(None if d is None else 0 for d in dot_dims), size, axis)
     batched = _Linear(lin.call, lin.res_tree, lin.out_tree, lin.outs, (*lin.levels, level))
     outs = _lin_p.bind(*moved, lin=batched)
     return outs, [0] * len(outs)
@@ -363,45 +359,5 @@ _lin_p.def_impl(_lin_impl)
 _lin_p.def_abstract_eval(_lin_abstract_eval)
 ad.primitive_jvps[_lin_p] = _lin_jvp
 ad.primitive_transposes[_lin_p] = _lin_transpose
-batching.primitive_batchers[_lin_p] = _lin_batch
+def_batcher(_lin_p, _lin_batch)
 mlir.register_lowering(_lin_p, mlir.lower_fun(_lin_impl, multiple_results=True))
-
-
-# --- the rules, vmapped: for vmap over arguments without leading batch axes ---------------------
-class _Vmapped(_Hashable):
-    """The rules of ``call`` batched by ``jax.vmap`` over ``axes`` (0 or None per leaf)."""
-
-    def __init__(self, call: _Static, axes: tuple):
-        self.base, self.axes = call, axes
-        self.__name__ = f"vmap({call.rules.__name__})"
-        self.batch_argnums = ()
-
-    def _key(self):
-        return (self.base, self.axes)
-
-    def fun(self, *arrays):
-        flat = tree_util.tree_leaves(arrays)
-        return jax.vmap(lambda f: self.base(*f), in_axes=(list(self.axes),))(flat)
-
-    def fwd(self, *arrays):
-        base = self.base
-
-        def one(flat):
-            return base.rules.fwd(*base.arrays(flat), **dict(base.hyper))
-        return jax.vmap(one, in_axes=(list(self.axes),))(tree_util.tree_leaves(arrays))
-
-    def jvp(self, residuals, *dots):
-        base = self.base
-
-        def one(res, flat_dots):
-            return base.rules.jvp(*base.hyper_values(), res, *base.arrays(flat_dots))
-        return jax.vmap(one, in_axes=(0, list(self.axes)))(residuals, tree_util.tree_leaves(dots))
-
-    def bwd(self, residuals, v):
-        base = self.base
-
-        def one(res, v):
-            return _flat_cotangents(base, base.rules.bwd(*base.hyper_values(), res, v))
-        flat = jax.vmap(one)(residuals, v)
-        flat = [ct if ct is None or a == 0 else ct.sum(0) for ct, a in zip(flat, self.axes)]
-        return base.arrays(flat)

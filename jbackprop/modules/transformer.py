@@ -26,7 +26,7 @@ from jbackprop.modules.linear import mm
 from jbackprop.modules.normalisation import layer_norm
 from jbackprop.modules.registry import declare, normal
 from jbackprop.modules.rules import custom_rules
-from jbackprop.modules.wiring import apply
+from jbackprop.modules.wiring import apply, sharded_like
 
 # The public modules, re-exported by jbackprop.
 __all__ = ["embedding", "transformer_init", "transformer"]
@@ -37,7 +37,7 @@ def _rows(E, ids):
     """``E[ids]``; an id outside ``0..vocab−1`` (possible only when traced) gives a NaN row."""
     vocab = E.shape[0]
     safe = jnp.where((ids >= 0) & (ids < vocab), ids, vocab)         # vocab: out of bounds
-    return jnp.take(E, safe, axis=0, mode="fill", fill_value=jnp.nan)
+    return E.at[safe].get(mode="fill", fill_value=jnp.nan, **sharded_like(ids, trailing=1))
 
 
 @functools.partial(custom_rules, batch_argnums=(1,))
@@ -51,7 +51,7 @@ def _embedding_fwd(params, ids):
 
 def _embedding_bwd(res, v):
     E, ids = res                                       # B[emb, E](v): row ids[i] += v[i]
-    E_bar = jnp.zeros_like(E).at[ids].add(v.astype(E.dtype), mode="drop")
+    E_bar = jnp.zeros_like(E).at[ids].add(v.astype(E.dtype), mode="drop", **sharded_like(E))
     return {"E": E_bar}, None                          # None: the integer ids
 
 

@@ -126,12 +126,19 @@ def sum_over_batch(v, z, batch: tuple, like):
     return jax.lax.dot_general(v, z, ((batch, batch), ((), ())), **sharded_like(like))
 
 
-def sharded_like(like) -> dict:
+def sharded_like(like, trailing: int = 0) -> dict:
     """``{"out_sharding": like's sharding}`` on a mesh with ``AxisType.Explicit`` axes, else
     ``{}``: keyword arguments for a contraction over the (sharded) batch axes whose result is a
-    weight's gradient (``sum_over_batch``; the convolutions' ``w̄``)."""
+    weight's gradient (``sum_over_batch``; the convolutions' ``w̄``), or for a gather or scatter
+    whose result is laid out as ``like`` (the poolings' ``z̄``; ``embedding``'s rows, with
+    ``trailing`` unsharded axes after ``like``'s)."""
     sharding = explicit_sharding(like)
-    return {} if sharding is None else {"out_sharding": sharding}
+    if sharding is None:
+        return {}
+    if trailing:
+        spec = tuple(sharding.spec) + (None,) * (jnp.ndim(like) - len(sharding.spec) + trailing)
+        sharding = jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec(*spec))
+    return {"out_sharding": sharding}
 
 
 def _shape_text(tree) -> str:
