@@ -19,6 +19,7 @@ from jbackprop.modules.activations import *  # noqa: F401,F403
 from jbackprop.modules.attention import *  # noqa: F401,F403
 from jbackprop.modules.combinators import Layer, serial
 from jbackprop.modules.convolution import *  # noqa: F401,F403
+from jbackprop.modules.fused_loss import *  # noqa: F401,F403
 from jbackprop.modules.linear import *  # noqa: F401,F403
 from jbackprop.modules.losses import *  # noqa: F401,F403
 from jbackprop.modules.models import *  # noqa: F401,F403
@@ -41,4 +42,4 @@ __version__ = "0.1.0"
 __all__ = ["backward", "tangent", "custom_rules", "check", "testing", "combinators", "reference",
            "Layer", "serial",
            *_public("linear", "activations", "normalisation", "convolution", "pooling", "losses",
-                    "attention", "regularisation", "models", "transformer")]
+                    "fused_loss", "attention", "regularisation", "models", "transformer")]

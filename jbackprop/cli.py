@@ -273,6 +273,9 @@ def main(argv=None) -> int:
     b.add_argument("--no-attention", action="store_true",
                    help="skip the attention section (memory and time against sequence length; "
                         "with --plot also its chart, PNG-attention.png)")
+    b.add_argument("--no-fused-loss", action="store_true",
+                   help="skip the fused MM + cross-entropy section (memory and time against "
+                        "the unfused loss)")
     b.set_defaults(run=_bench)
     args = parser.parse_args(argv)
     return args.run(args)

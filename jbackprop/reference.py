@@ -124,6 +124,14 @@ def cross_entropy_loss(t, y):
     return c + jnp.log(jnp.sum(jnp.exp(t - c))) - t[y]
 
 
+def linear_cross_entropy(params, z, y, chunk_size=None):
+    """``cross_entropy_loss(mm(params, z), y)`` on every row of ``z``, the full logits at once."""
+    t = z @ params["W"].T + params["b"] if "b" in params else z @ params["W"].T
+    c = jnp.max(t, axis=-1, keepdims=True)
+    lse = c[..., 0] + jnp.log(jnp.sum(jnp.exp(t - c), axis=-1))
+    return lse - jnp.take_along_axis(t, y[..., None], axis=-1)[..., 0]
+
+
 def residual(params, z, activation=relu):
     return z + activation(mm(params["mm2"], activation(mm(params["mm1"], z))))
 

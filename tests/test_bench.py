@@ -221,3 +221,30 @@ def test_attention_section_quick():
     names = [t["target"] for t in bench_attention.targets(records)]
     assert names == [f"attention n={n}: time manual/autodiff" for n in bench_attention.QUICK_LENGTHS]
     assert len(bench_attention.lines(records)) == 2 + len(records)
+
+
+def test_fused_loss_section_quick():
+    """The fused-loss section at its quick shape: both versions compute the same loss and
+    gradients; the fused one's temporary memory is below the unfused one's; records, targets
+    and lines have their fields; ``section_main`` writes the JSON."""
+    import json
+    from jbackprop.bench import fused_loss, harness
+    records = fused_loss.run(quick=True, budget_s=0.0, progress=lambda s: None)
+    assert [(r["rows"], r["m"], r["k"]) for r in records] == list(fused_loss.QUICK_SHAPES)
+    r = records[0]
+    assert r["rel_diff_vs_autodiff"] < 1e-4 and all(v["ms"] > 0 for v in r["versions"].values())
+    assert r["temp_manual_over_autodiff"] < 1
+    assert [t["target"] for t in fused_loss.targets(records)] == [
+        "fused loss 256×2048: temp memory manual/autodiff", "fused loss 256×2048: time manual/autodiff"]
+    assert len(fused_loss.lines(records)) == 3
+
+
+def test_section_main_writes_json(tmp_path, capsys):
+    """``python -m jbackprop.bench.fused_loss --quick``: the table on stdout and the JSON."""
+    from jbackprop.bench import fused_loss, harness
+    path = tmp_path / "fused.json"
+    assert harness.section_main(fused_loss, "fused_loss",
+                                ["--quick", "--budget", "0", "--json", str(path)]) == 0
+    saved = json.loads(path.read_text())
+    assert saved["fused_loss"][0]["k"] == 2048 and saved["targets"]
+    assert "| 256 × 32 → 2048 |" in capsys.readouterr().out

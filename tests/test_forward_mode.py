@@ -24,7 +24,7 @@ import jbackprop as jb
 from jbackprop import reference as ref
 from jbackprop.check.cases import cast_case
 from jbackprop.check.forward import JVP_CHECKS, verify_jvp
-from jbackprop.modules import attention as attention_module, registry
+from jbackprop.modules import attention as attention_module, fused_loss, registry
 from jbackprop.testing import assert_jvp_correct
 import planted_forward as pf
 
@@ -32,7 +32,7 @@ CASES = registry.cases()
 # every core of the library: the declared ones, and attention's inner (O, ℓ) core, which its
 # forward rule calls
 LIBRARY_CORES = {c for d in registry.declarations() for c in d.cores} | {
-    attention_module._attention_with_lse}
+    attention_module._attention_with_lse, fused_loss._lce_with_lse}
 # one example shape of each module and hyper-parameter setting
 FIRST = list({c.name.split("[")[0]: c for c in reversed(CASES)}.values())[::-1]
 TIGHT = {"rtol": 1e-10, "atol": 1e-10}

@@ -27,6 +27,7 @@ import jbackprop as jb
 from jbackprop import reference
 from jbackprop.bench import harness as bench_harness
 
+TITLE = "attention, forward + backward (grad w.r.t. q, k, v), d = 64, float32:"
 LENGTHS, QUICK_LENGTHS, WIDTH = (512, 1024, 2048, 4096), (128, 256), 64
 
 
@@ -135,31 +136,6 @@ def plot(records: list[dict], path: str) -> None:
     plt.close(fig)
 
 
-def main(argv=None) -> int:
-    """This section alone: ``python -m jbackprop.bench.attention [--quick] [--budget S]
-    [--json PATH] [--plot PNG]``."""
-    import argparse
-    import json
-    import sys
-    parser = argparse.ArgumentParser(prog="python -m jbackprop.bench.attention")
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--budget", type=float, default=None)
-    parser.add_argument("--repeat", type=int, default=1)
-    parser.add_argument("--json", default="bench-attention.json")
-    parser.add_argument("--plot", metavar="PNG")
-    args = parser.parse_args(argv)
-    budget = args.budget if args.budget is not None else (0.3 if args.quick else 4.0)
-    result = {"machine": bench_harness.machine(), "quick": args.quick}
-    result["attention"] = run(args.quick, budget, lambda s: print(s, file=sys.stderr), args.repeat)
-    result["targets"] = targets(result["attention"])
-    print("\n".join(lines(result["attention"])))
-    with open(args.json, "w") as f:
-        json.dump(result, f, indent=1)
-    if args.plot:
-        plot(result["attention"], args.plot)
-    return 0
-
-
 if __name__ == "__main__":
     import sys
-    sys.exit(main())
+    sys.exit(bench_harness.section_main(sys.modules[__name__], "attention"))

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import datetime
 import functools
+import importlib
 import json
 import os
 import platform
@@ -262,19 +263,55 @@ def targets(result: dict) -> list[dict]:
     if result.get("forward"):
         from jbackprop.bench import forward as bench_forward     # (it imports this module)
         out += bench_forward.targets(result["forward"])
-    if result.get("attention"):
-        from jbackprop.bench import attention as bench_attention
-        out += bench_attention.targets(result["attention"])
+    for name, section in sections(result):
+        out += section.targets(result[name])
     return out
+
+
+# Sections run with the whole suite (not with --config): each a module of jbackprop.bench with
+# run(quick, budget_s, progress, repeat), targets(records), lines(records), TITLE (and plot).
+SECTIONS = ("attention", "fused_loss")
+
+
+def sections(result: dict) -> list:
+    """``(name, module)`` of each section that ``result`` holds, in ``SECTIONS`` order."""
+    return [(name, importlib.import_module(f"jbackprop.bench.{name}"))
+            for name in SECTIONS if result.get(name)]
+
+
+def section_main(section, name: str, argv=None) -> int:
+    """One section alone: ``python -m jbackprop.bench.<name> [--quick] [--budget S]
+    [--repeat N] [--json PATH] [--plot PNG]`` (``--plot`` where the section draws one)."""
+    import argparse
+    import sys
+    parser = argparse.ArgumentParser(prog=f"python -m jbackprop.bench.{name}")
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--budget", type=float, default=None)
+    parser.add_argument("--repeat", type=int, default=1)
+    parser.add_argument("--json", default=f"bench-{name.replace('_', '-')}.json")
+    if hasattr(section, "plot"):
+        parser.add_argument("--plot", metavar="PNG")
+    args = parser.parse_args(argv)
+    budget = args.budget if args.budget is not None else (0.3 if args.quick else 4.0)
+    result = {"machine": machine(), "quick": args.quick}
+    result[name] = section.run(args.quick, budget, lambda s: print(s, file=sys.stderr),
+                               args.repeat)
+    result["targets"] = section.targets(result[name])
+    print("\n".join(section.lines(result[name])))
+    with open(args.json, "w") as f:
+        json.dump(result, f, indent=1)
+    if getattr(args, "plot", None):
+        section.plot(result[name], args.plot)
+    return 0
 
 
 def run(names=None, quick=False, budget_s=4.0, external=True, depths=(8, 1024),
         progress: Callable[[str], None] = print, repeat: int = 1, forward: bool = True,
-        attention: bool = True) -> dict:
+        skip: tuple = ()) -> dict:
     """Run the suite; returns the result dict (machine, GEMM probe, configs, the forward-mode
     section when ``forward`` (``bench_forward``: ``jax.jvp`` and Hessian-vector products), the
-    attention section when ``attention`` (``bench_attention``: memory and time against n),
-    targets)."""
+    ``SECTIONS`` not in ``skip`` (attention: memory and time against n; the fused loss: memory
+    and time against the unfused loss), targets)."""
     result: dict[str, Any] = {"machine": machine(), "quick": quick}
     result["gemm"] = gemm_probe(256 if quick else 2048, budget_s=min(budget_s, 3.0))
     result["configs"] = []
@@ -284,9 +321,10 @@ def run(names=None, quick=False, budget_s=4.0, external=True, depths=(8, 1024),
     if forward:
         from jbackprop.bench import forward as bench_forward     # (it imports this module)
         result["forward"] = bench_forward.run(names, quick, budget_s, progress, repeat)
-    if attention and not names:                  # with the whole suite, not with --config
-        from jbackprop.bench import attention as bench_attention
-        result["attention"] = bench_attention.run(quick, budget_s, progress, repeat)
+    for name in SECTIONS if not names else ():   # with the whole suite, not with --config
+        if name not in skip:
+            section = importlib.import_module(f"jbackprop.bench.{name}")
+            result[name] = section.run(quick, budget_s, progress, repeat)
     if depths:
         progress("ResNet-S compile time against depth")
         result["compile_vs_depth"] = compile_vs_depth(depths, repeats=1 if quick else 3)
@@ -302,7 +340,8 @@ def main(args) -> int:
     result = run(args.config, args.quick, budget, not args.no_external, depths,
                  progress=lambda s: print(s, file=sys.stderr, flush=True), repeat=args.repeat,
                  forward=not getattr(args, "no_forward", False),
-                 attention=not getattr(args, "no_attention", False))
+                 skip=tuple(name for name in SECTIONS
+                            if getattr(args, "no_" + name, False)))
     print(bench_report.format_table(result))
     with open(args.json, "w") as f:
         json.dump(result, f, indent=1)
@@ -314,9 +353,9 @@ def main(args) -> int:
     if args.plot:
         bench_report.plot(result, args.plot)
         print(f"wrote {args.plot}")
-        if result.get("attention"):
-            from jbackprop.bench import attention as bench_attention
-            chart = args.plot.rsplit(".", 1)[0] + "-attention.png"
-            bench_attention.plot(result["attention"], chart)
-            print(f"wrote {chart}")
+        for name, section in sections(result):
+            if hasattr(section, "plot"):
+                chart = args.plot.rsplit(".", 1)[0] + f"-{name}.png"
+                section.plot(result[name], chart)
+                print(f"wrote {chart}")
     return 0

@@ -125,13 +125,13 @@ def forward_lines(result: dict) -> list[str]:
             line(FORWARD_HEAD), line(["-" * w for w in widths])] + [line(r) for r in rows]
 
 
-def _attention_section(result: dict) -> list[str]:
-    """The attention section (``bench_attention``) as Markdown lines, empty if not run."""
-    if not result.get("attention"):
-        return []
-    from jbackprop.bench import attention as bench_attention
-    return ["", "attention, forward + backward (grad w.r.t. q, k, v), d = 64, float32:", "",
-            *bench_attention.lines(result["attention"])]
+def _sections(result: dict) -> list[str]:
+    """The memory sections (attention, the fused loss) as Markdown lines, empty if not run."""
+    from jbackprop.bench import harness as bench_harness
+    out = []
+    for name, section in bench_harness.sections(result):
+        out += ["", section.TITLE, "", *section.lines(result[name])]
+    return out
 
 
 def forward_markdown(result: dict) -> list[str]:
@@ -205,7 +205,7 @@ def format_table(result: dict) -> str:
     if skipped:
         out.append("no column: " + "; ".join(skipped))
     out += forward_lines(result)
-    out += _attention_section(result)
+    out += _sections(result)
     if result.get("compile_vs_depth"):
         out.append("\nResNet-S trace+compile of jit(grad): " + ", ".join(
             f"depth {d}: {s:.2f} s" for d, s in result["compile_vs_depth"].items()))
@@ -287,7 +287,7 @@ def format_markdown(result: dict) -> str:
     if skipped:
         out += ["", "Optional columns absent: " + "; ".join(skipped) + "."]
     out += forward_markdown(result)
-    out += _attention_section(result)
+    out += _sections(result)
     out += ["", "| target | measured | limit | |", "| --- | --- | --- | --- |"]
     for t in result["targets"]:
         sign = "≥" if "GEMM" in t["target"] else "≤"

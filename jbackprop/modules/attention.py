@@ -22,13 +22,14 @@ from jbackprop import reference
 from jbackprop.modules import arguments
 from jbackprop.modules.linear import mm
 from jbackprop.modules.registry import declare, normal
+from jbackprop.modules.blocks import by_row_blocks
 from jbackprop.modules.rules import custom_rules
 from jbackprop.modules.wiring import apply
 
 # The public modules, re-exported by jbackprop.
 __all__ = ["softmax", "attention", "multi_head_attention_init", "multi_head_attention"]
 
-QUERY_BLOCK = 128            # attention's default block of query rows (see ``_by_query_blocks``)
+QUERY_BLOCK = 128            # attention's default block of query rows (see ``blocks.by_row_blocks``)
 
 
 def _wide(dtype):
@@ -157,37 +158,8 @@ def _tangent_block(q, q_dot, o, rows, k, v, k_dot, v_dot, causal):
     return ps @ v - lse_dot * o + p @ v_dot, lse_dot
 
 
-# The memory trick, kept apart from the calculus above: the rules run on blocks of `block`
-# query rows (zero-padded to a whole number of blocks), so the largest temporaries are
-# (block × m), never (n × m). Key and value cotangents are summed over the blocks in a scan.
-def _by_query_blocks(block_fn, block, n, per_row, shared, sum_outputs=0):
-    """``block_fn(*row_blocks, rows, *shared)`` over the blocks of the ``(..., n, ·)`` arrays
-    ``per_row``; returns its outputs: the first ``len(outputs) − sum_outputs`` put back
-    together row-wise, the last ``sum_outputs`` summed over the blocks."""
-    if n <= block:                                    # one block: no loop at all
-        return block_fn(*per_row, jnp.arange(n), *shared)
-    count = -(-n // block)
-
-    def split(x):                                     # (..., n, c) -> (count, ..., block, c)
-        x = jnp.pad(x, [(0, 0)] * (x.ndim - 2) + [(0, count * block - n), (0, 0)])
-        return jnp.moveaxis(x.reshape(*x.shape[:-2], count, block, x.shape[-1]), -3, 0)
-
-    def join(x):                                      # the inverse, cut back to n rows
-        x = jnp.moveaxis(x, 0, -3)
-        return x.reshape(*x.shape[:-3], count * block, x.shape[-1])[..., :n, :]
-
-    xs = ([split(x) for x in per_row], jnp.arange(count * block).reshape(count, block))
-    if not sum_outputs:
-        return tuple(map(join, jax.lax.map(lambda a: block_fn(*a[0], a[1], *shared), xs)))
-    # the first block starts the sums (typed as the blocks make them, also inside shard_map)
-    first = block_fn(*jax.tree.map(lambda x: x[0], xs)[0], xs[1][0], *shared)
-
-    def step(acc, a):
-        outs = block_fn(*a[0], a[1], *shared)
-        return [s + o for s, o in zip(acc, outs[-sum_outputs:])], outs[:-sum_outputs]
-    acc, rows = jax.lax.scan(step, list(first[-sum_outputs:]), jax.tree.map(lambda x: x[1:], xs))
-    rows = [jnp.concatenate([f[None], r]) for f, r in zip(first[:-sum_outputs], rows)]
-    return (*map(join, rows), *acc)
+# The memory trick, kept apart from the calculus above: the rules run on blocks of `block_size`
+# query rows (`blocks.by_row_blocks`), so the largest temporaries are (block × m), never (n × m).
 
 
 # Two cores. `_attention_with_lse` returns (O, ℓ), both differentiable, with the rules below;
@@ -204,7 +176,7 @@ def _attention_with_lse(q, k, v, causal, block_size):
 def _attention_with_lse_fwd(q, k, v, causal, block_size):
     wide = _wide(q.dtype)
     qw, kw, vw = (x.astype(wide) for x in (q, k, v))
-    o, lse = _by_query_blocks(functools.partial(_forward_block, causal=causal), block_size,
+    o, lse = by_row_blocks(functools.partial(_forward_block, causal=causal), block_size,
                               q.shape[-2], (qw,), (kw, vw))
     o = o.astype(q.dtype)
     return (o, lse), (q, k, v, o)        # residuals: q, k, v (inputs) and O (the output)
@@ -216,7 +188,7 @@ def _attention_with_lse_bwd(causal, block_size, res, out_bar):
     wide = _wide(q.dtype)
     qw, kw, vw, o_bar_w = (x.astype(wide) for x in (q, k, v, o_bar))
     lse_bar = (jnp.zeros((*q.shape[:-1], 1), wide) if lse_bar is None else lse_bar.astype(wide))
-    q_bar, k_bar, v_bar = _by_query_blocks(
+    q_bar, k_bar, v_bar = by_row_blocks(
         functools.partial(_backward_block, causal=causal), block_size, q.shape[-2],
         (qw, o_bar_w, lse_bar), (kw, vw), sum_outputs=2)
     return q_bar.astype(q.dtype), k_bar.astype(k.dtype), v_bar.astype(v.dtype)
@@ -225,7 +197,7 @@ def _attention_with_lse_bwd(causal, block_size, res, out_bar):
 def _attention_with_lse_jvp(causal, block_size, res, q_dot, k_dot, v_dot):
     q, k, v, o = res
     wide = _wide(q.dtype)
-    o_dot, lse_dot = _by_query_blocks(
+    o_dot, lse_dot = by_row_blocks(
         functools.partial(_tangent_block, causal=causal), block_size, q.shape[-2],
         tuple(x.astype(wide) for x in (q, q_dot, o)),
         tuple(x.astype(wide) for x in (k, v, k_dot, v_dot)))

@@ -9,6 +9,8 @@ A loss has a scalar output, so ``B[ℓ, t](v) = ∂ℓ/∂t · v`` (7.59) with a
 * ``mse_loss``: ``½‖t − y‖²``; ``B[ℓ, t](v) = (t − y) v``, ``B[ℓ, y](v) = −(t − y) v``.
 * ``logistic_loss``: ``log(1 + e^t) − y t``; ``B[ℓ, t](v) = (σ(t) − y) v`` (7.70).
 * ``cross_entropy_loss``: ``logsumexp(t) − t_y``; ``B[ℓ, t](v) = (softmax(t) − e_y) v`` (7.71).
+* ``linear_cross_entropy`` (in ``fused_loss.py``): ``cross_entropy_loss(mm(params, z), y)``
+  fused, by blocks of rows, so that neither direction holds the (examples × classes) logits.
 
 Integer labels are not differentiable: their cotangent is ``None`` (a zero cotangent to
 ``custom_vjp``). Labels out of range raise ``ValueError`` when concrete; when traced (under

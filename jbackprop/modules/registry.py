@@ -27,6 +27,8 @@ from jbackprop.modules import wiring
 
 FAMILIES = ("linear", "activations", "normalisation", "convolution", "pooling", "losses",
             "attention", "regularisation", "models", "transformer")
+# A family's modules live in the file of its name, and in these further files.
+MORE_FILES = {"losses": ("fused_loss",)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -105,7 +107,8 @@ def declare(fn: Callable, *, reference: Callable, examples: Callable, family: st
 def declarations() -> list[Declaration]:
     """Every declared module, family by family in the order of their files."""
     for family in FAMILIES:
-        importlib.import_module(f"jbackprop.modules.{family}")
+        for name in (family, *MORE_FILES.get(family, ())):
+            importlib.import_module(f"jbackprop.modules.{name}")
     return sorted(_REGISTRY.values(), key=lambda d: FAMILIES.index(d.family))  # stable
 
 
