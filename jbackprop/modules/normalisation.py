@@ -374,7 +374,7 @@ def batch_norm(params, z, eps=1e-5, axis_name=None):
         ``None``; under ``jax.vmap(..., axis_name=name)`` with ``axis_name=name``, one example
         ``(..., m)``, its statistics taken across the mapped axis (and its own leading axes).
       eps: static ``ε ≥ 0`` added to the variance.
-      axis_name: ``None``, or the name of an enclosing ``jax.vmap`` (or ``shard_map``) axis.
+      axis_name: ``None``, or the name of an enclosing ``jax.vmap`` axis.
 
     Returns:
       The shape of ``z``, in the promoted dtype of ``params`` and ``z``.
