@@ -87,12 +87,10 @@ def targets(records: list[dict]) -> list[dict]:
     out = []
     for r in records:
         if r["n"] == 2048 and r["temp_manual_over_autodiff"] is not None:
-            out.append({"target": "attention n=2048: temp memory manual/autodiff",
-                        "value": r["temp_manual_over_autodiff"], "limit": 0.25,
-                        "ok": r["temp_manual_over_autodiff"] <= 0.25})
-        out.append({"target": f"attention n={r['n']}: time manual/autodiff",
-                    "value": r["time_manual_over_autodiff"], "limit": 1.2,
-                    "ok": r["time_manual_over_autodiff"] <= 1.2})
+            out.append(bench_harness.target("attention n=2048: temp memory manual/autodiff",
+                                            r["temp_manual_over_autodiff"], 0.25))
+        out.append(bench_harness.target(f"attention n={r['n']}: time manual/autodiff",
+                                        r["time_manual_over_autodiff"], 1.2))
     return out
 
 

@@ -78,12 +78,10 @@ def targets(records: list[dict]) -> list[dict]:
     for r in records:
         label = f"fused loss {r['rows']}×{r['k']}"
         if r["temp_manual_over_autodiff"] is not None:
-            out.append({"target": f"{label}: temp memory manual/autodiff",
-                        "value": r["temp_manual_over_autodiff"], "limit": 0.5,
-                        "ok": r["temp_manual_over_autodiff"] <= 0.5})
-        out.append({"target": f"{label}: time manual/autodiff",
-                    "value": r["time_manual_over_autodiff"], "limit": 1.0,
-                    "ok": r["time_manual_over_autodiff"] <= 1.0})
+            out.append(bench_harness.target(f"{label}: temp memory manual/autodiff",
+                                            r["temp_manual_over_autodiff"], 0.5))
+        out.append(bench_harness.target(f"{label}: time manual/autodiff",
+                                        r["time_manual_over_autodiff"], 1.0))
     return out
 
 

@@ -279,6 +279,11 @@ def sections(result: dict) -> list:
             for name in SECTIONS if result.get(name)]
 
 
+def target(name: str, value: float, limit: float) -> dict:
+    """One target record of a section: ``value ≤ limit``."""
+    return {"target": name, "value": value, "limit": limit, "ok": value <= limit}
+
+
 def section_main(section, name: str, argv=None) -> int:
     """One section alone: ``python -m jbackprop.bench.<name> [--quick] [--budget S]
     [--repeat N] [--json PATH] [--plot PNG]`` (``--plot`` where the section draws one)."""
